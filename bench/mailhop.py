@@ -1,0 +1,160 @@
+"""A throw-away mailhop relay for benchmarks: its own config and spool in a temp dir, stopped with SIGTERM.
+
+The relay is driven through its public interfaces only (``mailhop serve`` and ``mailhop queue list``), so the
+benchmark measures what an operator would run, and its count of queued messages is what an operator would see.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import BenchError, free_port, port_open, stop_process, wait_until
+
+__all__ = ["MailhopRelay", "QueueCheck", "default_mailhop", "running_mailhop"]
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+LIST_TIMEOUT = 300.0
+READY_MARK = "ready listeners="
+
+
+def default_mailhop() -> str:
+    """The ``mailhop`` script beside the running interpreter (the project venv when run as .venv/bin/python)."""
+    return str(Path(sys.executable).with_name("mailhop"))
+
+
+def config_toml(port: int, spool: Path) -> str:
+    """Benchmark config: one loopback listener, loopback trusted, a private spool, warnings only on stderr."""
+    return "\n".join(
+        [
+            'hostname = "mailhop.bench.test"',
+            "",
+            "[[listener]]",
+            f'address = "{LOOPBACK}:{port}"',
+            'role = "mx"',
+            "",
+            "[relay]",
+            'trusted_networks = ["127.0.0.0/8"]',
+            "",
+            "[queue]",
+            f"path = {json.dumps(str(spool))}",
+            "",
+            "[log]",
+            'level = "warning"',
+            "",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class QueueCheck:
+    """What the queue held after a run, from the CLI and straight from the database."""
+
+    listed: int
+    matching: int
+    db_rows: int | None
+
+    def problem(self, expected: int) -> str | None:
+        """Why this queue does not prove expected messages were accepted, or None when it does."""
+        if self.listed != expected:
+            return f"mailhop queue list shows {self.listed} messages, expected {expected}"
+        if self.matching != expected:
+            return f"only {self.matching} of {self.listed} queued messages have the benchmark envelope"
+        if self.db_rows is not None and self.db_rows != expected:
+            return f"queue.db table messages has {self.db_rows} rows, expected {expected}"
+        return None
+
+
+class MailhopRelay:
+    """One mailhop process serving a fresh spool under root."""
+
+    def __init__(self, root: Path, executable: str | None = None, port: int | None = None) -> None:
+        self.root = root
+        self.executable = executable or default_mailhop()
+        self.port = port or free_port(LOOPBACK)
+        self.config = root / "mailhop.toml"
+        self.spool = root / "spool"
+        self.stderr_path = root / "mailhop.stderr"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        """Write the config, start ``mailhop serve`` and wait until it is ready (log line or open port)."""
+        if not Path(self.executable).exists():
+            raise BenchError(f"mailhop not found at {self.executable}: run scripts/setup.sh")
+        self.config.write_text(config_toml(self.port, self.spool))
+        argv = [self.executable, "serve", "--config", str(self.config)]
+        with self.stderr_path.open("wb") as err:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        wait_until(self._ready, START_TIMEOUT, f"mailhop on {self.address}")
+
+    def stderr(self) -> str:
+        """What the relay has logged so far."""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def _ready(self) -> bool:
+        # At level "warning" the info-level ready line is suppressed, so an accepting port counts too.
+        if self._proc is not None and self._proc.poll() is not None:
+            raise BenchError(f"mailhop exited {self._proc.returncode} before it was ready:\n{self.stderr()}")
+        return READY_MARK in self.stderr() or port_open(LOOPBACK, self.port)
+
+    def stop(self) -> int | None:
+        """SIGTERM the relay (it finishes in-flight transactions) and reap it; its exit status."""
+        if self._proc is None:
+            return None
+        status = stop_process(self._proc, STOP_TIMEOUT)
+        self._proc = None
+        return status
+
+    def check_queue(self, sender: str, recipient: str) -> QueueCheck:
+        """Count queued messages via ``mailhop queue list --json`` and cross-check queue.db directly."""
+        argv = [self.executable, "queue", "list", "--json", "--config", str(self.config)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=LIST_TIMEOUT, check=False)
+        if result.returncode != 0:
+            raise BenchError(f"mailhop queue list failed (exit {result.returncode}): {result.stderr.strip()}")
+        entries = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        matching = sum(1 for entry in entries if _has_envelope(entry, sender, recipient))
+        return QueueCheck(listed=len(entries), matching=matching, db_rows=self._db_rows())
+
+    def _db_rows(self) -> int | None:
+        """Rows in ``<spool>/queue.db`` table messages, read-only; None if the layout is not what we expect."""
+        db = self.spool / "queue.db"
+        if not db.exists():
+            return None
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+                row = conn.execute("SELECT count(*) FROM messages").fetchone()
+        except sqlite3.Error:
+            return None
+        return int(row[0])
+
+
+def _has_envelope(entry: object, sender: str, recipient: str) -> bool:
+    """Whether one ``queue list --json`` object carries the benchmark's sender and sole recipient."""
+    if not isinstance(entry, dict):
+        return False
+    recipients = entry.get("recipients") or []
+    addresses = [r.get("address") for r in recipients if isinstance(r, dict)]
+    return bool(entry.get("sender") == sender and addresses == [recipient])
+
+
+@contextmanager
+def running_mailhop(root: Path, executable: str | None = None) -> Iterator[MailhopRelay]:
+    """A started relay under root, stopped (by PID, SIGTERM then SIGKILL) whatever happens."""
+    relay = MailhopRelay(root, executable)
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()

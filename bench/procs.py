@@ -1,0 +1,108 @@
+"""Process and port helpers shared by the benchmark targets.
+
+Everything here is about starting servers on loopback without guessing: readiness is observed (a port that
+accepts, a log line), never assumed after a fixed sleep, and every wait has a deadline so a broken server
+fails the run instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "BenchError",
+    "find_program",
+    "free_port",
+    "pid_alive",
+    "port_open",
+    "stop_process",
+    "wait_pid_gone",
+    "wait_until",
+]
+
+POLL_INTERVAL = 0.05
+
+
+class BenchError(RuntimeError):
+    """A target could not be started, stopped or verified: the run's figures cannot be trusted."""
+
+
+def find_program(name: str) -> str | None:
+    """Path of a program on PATH or in /usr/sbin (where Debian puts Postfix's tools, often off a user's PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = Path("/usr/sbin") / name
+    return str(candidate) if os.access(candidate, os.X_OK) else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just considered free on host; each target gets its own so runs never collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = POLL_INTERVAL
+) -> None:
+    """Poll condition every interval seconds until true; BenchError naming what was awaited after timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether pid is a live process; a zombie left to an absent reaper counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # Field 3, after the parenthesised command name, is the state; Z is a zombie, X is dead.
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    """Wait for pid to exit; True when it did within timeout."""
+    try:
+        wait_until(lambda: not pid_alive(pid), timeout, f"pid {pid} to exit")
+    except BenchError:
+        return False
+    return True
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM one child we started, SIGKILL it if it ignores that, and reap it; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

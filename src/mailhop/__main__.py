@@ -1,0 +1,5 @@
+"""``python -m mailhop``."""
+
+from .cli.main import main
+
+main()

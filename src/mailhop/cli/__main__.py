@@ -1,0 +1,5 @@
+"""``python -m mailhop.cli``."""
+
+from .main import main
+
+main()

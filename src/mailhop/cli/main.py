@@ -1,0 +1,101 @@
+"""``mailhop``: serve, check-config, queue administration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import load_config
+from ..config.schema import Config
+from ..errors import ConfigError
+from .queue_cmds import queue
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = os.environ.get("MAILHOP_CONFIG", "/etc/mailhop/mailhop.toml")
+config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Configuration file (TOML). Also $MAILHOP_CONFIG.",
+)
+
+
+def read_config(path: Path) -> Config:
+    """Load the config or exit 78 (EX_CONFIG) with every problem on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"mailhop: configuration error\n{exc.detail}", err=True)
+        sys.exit(78)
+
+
+@click.group()
+@click.version_option(package_name="mailhop")
+def main() -> None:
+    """mailhop: a durable SMTP relay."""
+
+
+@main.command()
+@config_option
+@click.option(
+    "--loop",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    show_default=True,
+    help="Event loop: uvloop when installed (auto), or the standard one.",
+)
+def serve(config_path: Path, loop: str) -> None:
+    """Run the relay in the foreground, logging to stderr. SIGTERM finishes in-flight transactions and exits 0."""
+    from ..daemon import Daemon
+    from ..observability import setup_logging
+
+    config = read_config(config_path)
+    setup_logging(config.log.level)
+    use_uvloop = False
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            use_uvloop = True
+        except ImportError:
+            if loop == "uvloop":
+                raise click.ClickException("uvloop is not installed; pip install 'mailhop[fast]'") from None
+    if use_uvloop:
+        import uvloop
+
+        uvloop.run(Daemon(config).run())
+    else:
+        asyncio.run(Daemon(config).run())
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: Path) -> None:
+    """Validate the configuration; exit 0 when valid, 78 with each offending key named otherwise."""
+    config = read_config(config_path)
+    listeners = ", ".join(f"{lc.address} ({lc.role})" for lc in config.listener)
+    click.echo(f"{config_path}: OK")
+    click.echo(f"  hostname: {config.hostname}")
+    click.echo(f"  listeners: {listeners}")
+    click.echo(f"  spool: {config.queue.path}")
+    click.echo(f"  served domains: {', '.join(config.relay.domains) or '(none)'}")
+    click.echo(f"  trusted networks: {', '.join(config.relay.trusted_networks) or '(none)'}")
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown) generated from the schema."""
+    from ..config.reference import render_reference
+
+    click.echo(render_reference(), nl=False)
+
+
+main.add_command(queue)

@@ -1,0 +1,160 @@
+"""``mailhop queue ...``: inspect and change the queue while the daemon runs (it reads the same backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..queue.model import QueuedMessage
+from ..queue.sqlite import SqliteQueue
+
+__all__ = ["queue"]
+
+T = TypeVar("T")
+
+
+def _run(config_path: Path, action: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+    from .main import read_config
+
+    config = read_config(config_path)
+
+    async def go() -> T:
+        backend = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
+        await backend.start(recover=False)
+        try:
+            return await action(backend)
+        finally:
+            await backend.stop()
+
+    return asyncio.run(go())
+
+
+def _ts(value: float) -> str:
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _as_dict(msg: QueuedMessage) -> dict[str, Any]:
+    return {
+        "id": msg.id,
+        "sender": msg.sender,
+        "size": msg.size,
+        "received_at": msg.received_at,
+        "held": msg.held,
+        "hold_reason": msg.hold_reason,
+        "client_ip": msg.client_ip,
+        "helo": msg.helo,
+        "ret": msg.params.ret,
+        "envid": msg.params.envid,
+        "smtputf8": msg.params.smtputf8,
+        "body_type": msg.params.body,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": str(r.status),
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+                "next_attempt": r.next_attempt,
+                "notify": list(r.notify),
+                "orcpt": r.orcpt,
+            }
+            for r in msg.recipients
+        ],
+    }
+
+
+def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    from .main import config_option
+
+    return config_option(f)
+
+
+@click.group()
+def queue() -> None:
+    """Inspect and manage the mail queue."""
+
+
+@queue.command("list")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message, one per line.")
+@click.option("--domain", default=None, help="Only messages with a recipient in this domain.")
+@click.option("--limit", type=int, default=None, help="At most this many messages.")
+def list_cmd(config_path: Path, as_json: bool, domain: str | None, limit: int | None) -> None:
+    """List queued messages, oldest first."""
+    messages = _run(config_path, lambda b: b.list(domain=domain, limit=limit))
+    if as_json:
+        for msg in messages:
+            click.echo(json.dumps(_as_dict(msg), separators=(",", ":")))
+        return
+    table = Table("id", "received", "size", "sender", "recipients", "state")
+    for msg in messages:
+        states = {str(r.status) for r in msg.recipients}
+        state = "held" if msg.held else ",".join(sorted(states))
+        rcpts = ", ".join(r.address for r in msg.recipients[:3]) + (" ..." if len(msg.recipients) > 3 else "")
+        table.add_row(msg.id, _ts(msg.received_at), str(msg.size), msg.sender or "<>", rcpts, state)
+    Console().print(table)
+    click.echo(f"{len(messages)} message(s)")
+
+
+@queue.command("show")
+@_config_option
+@click.argument("queue_id")
+@click.option("--body", is_flag=True, help="Print the stored message (headers and body) too.")
+def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
+    """Show one message's envelope and per-recipient state."""
+
+    async def action(b: SqliteQueue) -> tuple[QueuedMessage | None, bytes]:
+        msg = await b.get(queue_id)
+        data = b""
+        if msg is not None and body:
+            with await b.open_body(queue_id) as fh:
+                data = fh.read()
+        return msg, data
+
+    msg, data = _run(config_path, action)
+    if msg is None:
+        click.echo(f"mailhop: no message {queue_id}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(_as_dict(msg), indent=2))
+    if body:
+        click.echo("")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+
+
+def _simple(name: str, verb: str, help_text: str) -> None:
+    @queue.command(name, help=help_text)
+    @_config_option
+    @click.argument("queue_ids", nargs=-1, required=True)
+    def cmd(config_path: Path, queue_ids: tuple[str, ...]) -> None:
+        async def action(b: SqliteQueue) -> list[bool]:
+            method = getattr(b, verb)
+            return [await method(qid) for qid in queue_ids]
+
+        results = _run(config_path, action)
+        failed = 0
+        for qid, ok in zip(queue_ids, results, strict=True):
+            click.echo(f"{qid}: {name + 'd' if name.endswith('e') else name + 'ed'}" if ok else f"{qid}: not found")
+            failed += not ok
+        sys.exit(1 if failed else 0)
+
+
+_simple("delete", "delete", "Delete messages from the queue (no bounce is sent).")
+_simple("hold", "hold", "Hold messages: they stay queued but are not delivered until released.")
+_simple("release", "release", "Release held messages back to delivery.")
+
+
+@queue.command("flush")
+@_config_option
+def flush_cmd(config_path: Path) -> None:
+    """Make every deferred recipient due now (like postqueue -f)."""
+    count = _run(config_path, lambda b: b.flush())
+    click.echo(f"{count} recipient(s) scheduled for immediate delivery")

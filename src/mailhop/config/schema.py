@@ -1,0 +1,183 @@
+"""The configuration schema. Field names are a public interface: users' files and tools rely on them.
+
+Every field's description doubles as the reference documentation (docs/configuration.md is generated from it by
+``mailhop config-reference``) and as the hint printed when a value is invalid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..address import AddressError, canonical_domain
+
+__all__ = ["Config", "LimitsConfig", "ListenerConfig", "LogConfig", "QueueConfig", "RelayConfig", "TlsConfig"]
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not silently ignored: "max_mesage_size" must not leave the default in force.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[v6]:PORT"; raise ValueError with a fix on bad input."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT; write e.g. \"127.0.0.1:2525\" or \"[::1]:2525\"")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address; listeners bind to addresses, not names") from None
+    return host, port
+
+
+class ListenerConfig(_Section):
+    address: str = Field(description='Address and port to listen on, "HOST:PORT" or "[V6]:PORT".')
+    role: Literal["mx"] = Field(
+        "mx", description='What the listener is for: "mx" accepts mail for served domains and from trusted networks.'
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+class RelayConfig(_Section):
+    trusted_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Client networks (CIDR) allowed to relay to any domain. Keep this small: it is the open-relay door.",
+    )
+    domains: list[str] = Field(
+        default_factory=list,
+        description="Domains this relay accepts mail for from anyone (exact names; IDNs allowed).",
+    )
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not a network in CIDR form (e.g. \"192.0.2.0/24\"): {exc}") from None
+        return value
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            try:
+                out.append(canonical_domain(name))
+            except AddressError as exc:
+                raise ValueError(f"{name!r} is not a valid domain name ({exc.reason}); write e.g. \"example.org\"") from None
+        return out
+
+
+class QueueConfig(_Section):
+    path: Path = Field(
+        Path("var/spool"),
+        description="Spool directory (SQLite database and large bodies). Relative paths are relative to the config file.",
+    )
+    inline_body_max: int = Field(
+        131072,
+        ge=0,
+        le=16 * 1024 * 1024,
+        description="Bodies up to this many bytes are stored inside the database (one fsync per batch); larger ones "
+        "are streamed to files.",
+    )
+
+
+class LimitsConfig(_Section):
+    max_message_size: int = Field(52428800, ge=1024, description="Largest message accepted, in bytes (SIZE, RFC 1870).")
+    max_recipients: int = Field(
+        1000, ge=100, description="Recipients per message; RFC 5321 4.5.3.1.8 requires at least 100."
+    )
+    max_command_line: int = Field(
+        512, ge=512, le=65536, description="Longest command line in octets incl. CRLF (RFC 5321 4.5.3.1.4)."
+    )
+    max_text_line: int = Field(
+        1000, ge=1000, le=1048576, description="Longest line of message text in octets incl. CRLF (RFC 5321 4.5.3.1.6)."
+    )
+    max_errors: int = Field(20, ge=1, description="Error replies in one session before 421 and disconnect.")
+    command_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for the next command (RFC 5321 4.5.3.2.7: 5 minutes)."
+    )
+    data_timeout: float = Field(
+        180.0, gt=0, description="Seconds to wait for each block of DATA (RFC 5321 4.5.3.2.5: 3 minutes)."
+    )
+    max_connections: int = Field(1000, ge=1, description="Concurrent SMTP connections over all listeners.")
+    max_connections_per_ip: int = Field(50, ge=1, description="Concurrent SMTP connections from one client address.")
+    max_received_headers: int = Field(
+        50, ge=1, description="A message with more Received: headers than this is refused as a mail loop (554 5.4.6)."
+    )
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds that SIGTERM waits for in-flight transactions before closing them."
+    )
+
+
+class TlsConfig(_Section):
+    certificate: Path | None = Field(None, description="PEM certificate chain; STARTTLS is offered when set.")
+    key: Path | None = Field(None, description="PEM private key for the certificate.")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("set both tls.certificate and tls.key, or neither")
+        return self
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level written to stderr.")
+
+
+class Config(_Section):
+    hostname: str = Field(
+        default_factory=socket.getfqdn, description="Our name in the greeting, EHLO and Received headers."
+    )
+    listener: list[ListenerConfig] = Field(
+        default_factory=lambda: [ListenerConfig(address="127.0.0.1:2525")],
+        description="One [[listener]] table per address to accept SMTP on.",
+    )
+    relay: RelayConfig = Field(default_factory=RelayConfig, description="Who may relay where.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Durable queue storage.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Size, count and time limits.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificate for STARTTLS.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        try:
+            canonical_domain(value)
+        except AddressError:
+            raise ValueError(f"{value!r} is not a host name; write a fully qualified name like \"mx.example.org\"") from None
+        return value
+
+    @field_validator("listener")
+    @classmethod
+    def _unique_listeners(cls, value: list[ListenerConfig]) -> list[ListenerConfig]:
+        if not value:
+            raise ValueError("at least one [[listener]] is needed")
+        seen = set()
+        for item in value:
+            if item.host_port in seen:
+                raise ValueError(f"listener address {item.address} appears twice")
+            seen.add(item.host_port)
+        return value

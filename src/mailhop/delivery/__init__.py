@@ -1,0 +1,1 @@
+"""Outbound delivery. Never imports mailhop.server."""

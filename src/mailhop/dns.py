@@ -1,0 +1,115 @@
+"""The one DNS resolver every part of mailhop uses (dnspython's async resolver).
+
+Untrusted input: DNS answers. Timeouts and retries are bounded; answers are classified into three outcomes the
+callers can act on without knowing DNS: an answer (possibly empty), a permanent failure (NXDOMAIN: the name does
+not exist) and a temporary failure (SERVFAIL, timeouts, refused, malformed answers: try later). Nameservers are
+configurable (``[dns] nameservers = ["127.0.0.1:5353"]``) so tests resolve through a loopback server they start;
+an empty list means the system resolver configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+__all__ = ["DnsPermanentError", "DnsTemporaryError", "MxRecord", "Resolver"]
+
+
+class DnsTemporaryError(Exception):
+    """SERVFAIL, timeout or another failure a later retry may cure."""
+
+
+class DnsPermanentError(Exception):
+    """The name does not exist (NXDOMAIN)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MxRecord:
+    preference: int
+    host: str  # lowercase, no trailing dot; "" for the null MX target "."
+
+
+def _split_nameserver(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and (host.startswith("[") or host.count(":") == 0):
+        return host.strip("[]"), int(port)
+    return text.strip("[]"), 53
+
+
+class Resolver:
+    """Async lookups with a bounded, TTL-respecting cache."""
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] = (),
+        *,
+        timeout: float = 5.0,
+        lifetime: float = 10.0,
+        cache_size: int = 10000,
+    ) -> None:
+        if nameservers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in map(_split_nameserver, nameservers)
+            ]
+        else:
+            self._resolver = dns.asyncresolver.Resolver()
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = lifetime
+        self._cache: OrderedDict[tuple[str, str], tuple[float, list[str]]] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def _query(self, name: str, rdtype: str) -> list[str]:
+        """Text form of each record; [] for NODATA; raises DnsPermanentError / DnsTemporaryError."""
+        key = (name.lower(), rdtype)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            self._cache.move_to_end(key)
+            return hit[1]
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise DnsPermanentError(f"{name}: no such domain") from None
+        except dns.resolver.NoNameservers as exc:
+            raise DnsTemporaryError(f"{name} {rdtype}: servers failed ({exc})") from None
+        except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            raise DnsTemporaryError(f"{name} {rdtype}: timeout") from None
+        except dns.exception.DNSException as exc:
+            raise DnsTemporaryError(f"{name} {rdtype}: {exc.__class__.__name__}") from None
+        records = [rr.to_text() for rr in answer.rrset] if answer.rrset is not None else []
+        ttl = answer.rrset.ttl if answer.rrset is not None else 60
+        self._cache[key] = (now + min(max(ttl, 0), 3600), records)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return records
+
+    async def mx(self, domain: str) -> list[MxRecord]:
+        """MX records of a domain, unsorted; [] when it has none."""
+        out = []
+        for text in await self._query(domain, "MX"):
+            pref, _, host = text.partition(" ")
+            out.append(MxRecord(int(pref), host.rstrip(".").lower()))
+        return out
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv6 and IPv4 addresses of a host ([] when it has none). NXDOMAIN raises DnsPermanentError."""
+        v6: list[str] = []
+        v4: list[str] = []
+        errors: list[Exception] = []
+        for rdtype, bucket in (("AAAA", v6), ("A", v4)):
+            try:
+                bucket.extend(await self._query(host, rdtype))
+            except DnsTemporaryError as exc:
+                errors.append(exc)
+        if not v6 and not v4 and errors:
+            raise DnsTemporaryError(str(errors[0]))
+        return v6 + v4

@@ -1,0 +1,242 @@
+"""Group commit: one writer thread owns the SQLite write connection and commits waiting work in batches.
+
+Requests arrive on a ``queue.SimpleQueue``. The thread blocks for the first one, then drains every other
+request already waiting (it never sleeps to gather more), and handles them all in one transaction::
+
+    BEGIN IMMEDIATE
+    executemany(INSERT messages) ; executemany(INSERT bodies) ; executemany(INSERT recipients)
+    each admin operation, inside its own SAVEPOINT
+    COMMIT            -- synchronous=FULL in WAL mode: one fsync of the WAL covers the whole batch
+
+and only then resolves the batch's futures, all with one ``loop.call_soon_threadsafe``. A request that
+arrives while a batch is being committed is not in that batch's transaction, so it waits for the next
+commit: no caller is answered by an fsync that did not cover its rows.
+
+Body files are fsynced (file, then directory) before their accept request is queued (``accept`` does it
+in a worker thread, see ``sqlite.py``), so by the time a row that points to a file is inserted, the file is
+durable; the COMMIT is the marker that makes the message exist.
+
+Failure: if any statement of the batch's transaction or the COMMIT fails, the transaction is rolled back,
+every waiter of the batch gets the error (SQLITE_FULL/ENOSPC -> QueueFullError, anything else ->
+QueueError), the body files of the batch's accepts are removed, and the thread goes on with the next batch
+(space may come back). An admin operation that raises is rolled back to its savepoint and only its caller
+gets the error. The thread never dies of an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import QueueError, QueueFullError
+from .faults import crash_point
+from .spool import BodyWriter, queue_error_from_os
+
+__all__ = ["AcceptRequest", "GroupCommitter", "OpRequest", "queue_error_from_exception"]
+
+log = logging.getLogger("mailhop.queue")
+
+SQLITE_FULL = 13
+
+# An admin operation runs in the writer thread inside the batch's transaction. It returns its result and
+# an optional callback to run after the COMMIT succeeded (e.g. unlink the body file of a deleted message).
+Operation = Callable[[sqlite3.Connection], "tuple[Any, Callable[[], None] | None]"]
+
+
+@dataclass(slots=True)
+class AcceptRequest:
+    future: asyncio.Future[str]
+    queue_id: str
+    message_row: tuple[Any, ...]
+    body_row: tuple[str, Any] | None  # (id, inline body) or None when the body is a file
+    recipient_rows: list[tuple[Any, ...]]
+    body: BodyWriter
+
+
+@dataclass(slots=True)
+class OpRequest:
+    future: asyncio.Future[Any]
+    operation: Operation
+
+
+def queue_error_from_exception(exc: BaseException) -> Callable[[], QueueError]:
+    """A factory of the error each waiter gets (one instance per waiter, so tracebacks don't pile up)."""
+    if isinstance(exc, QueueError):
+        cls, detail = type(exc), exc.detail
+    elif isinstance(exc, OSError):
+        err = queue_error_from_os(exc, "queue write")
+        cls, detail = type(err), err.detail
+    elif isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL:
+        cls, detail = QueueFullError, f"queue database full: {exc}"
+    else:
+        cls, detail = QueueError, f"queue write failed: {type(exc).__name__}: {exc}"
+    return lambda: cls(detail)
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():  # the caller was cancelled; the work is done (or undone) regardless
+            continue
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
+class GroupCommitter:
+    """The single writer. ``submit`` from any thread; ``start``/``stop`` from the owner."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], conn: sqlite3.Connection,
+                 insert_sql: tuple[str, str, str]) -> None:
+        self._connect = connect
+        self._conn = conn
+        self._insert_message, self._insert_body, self._insert_recipient = insert_sql
+        self._requests: queue.SimpleQueue[AcceptRequest | OpRequest | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mailhop-queue-writer", daemon=True)
+        self._closed = False
+        # Counters for tests and metrics (written by the writer thread only).
+        self.batches = 0  # committed transactions
+        self.failed_batches = 0
+        self.accepted = 0  # messages committed
+        self.operations = 0  # admin operations committed
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: AcceptRequest | OpRequest) -> None:
+        if self._closed:
+            raise QueueError("queue is stopped")
+        self._requests.put(request)
+
+    def stop(self) -> None:
+        """Blocking: finish every request submitted so far, stop the thread, close the connection."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+        self._conn.close()
+
+    # --- writer thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        requests = self._requests
+        stopping = False
+        while not stopping:
+            first = requests.get()
+            if first is None:
+                break
+            batch = [first]
+            while True:
+                try:
+                    item = requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                self._process(batch)
+            except BaseException:  # never let the writer die: every later accept would hang
+                log.exception("queue writer: unexpected error")
+        # Anything submitted after the stop marker (a race with stop()) is answered, not left hanging.
+        leftover: list[AcceptRequest | OpRequest] = []
+        while True:
+            try:
+                item = requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                leftover.append(item)
+        if leftover:
+            self._resolve([(r.future, None, QueueError("queue is stopped")) for r in leftover])
+
+    def _process(self, batch: Sequence[AcceptRequest | OpRequest]) -> None:
+        accepts = [r for r in batch if isinstance(r, AcceptRequest)]
+        ops = [r for r in batch if isinstance(r, OpRequest)]
+        conn = self._conn
+        op_outcomes: list[tuple[OpRequest, Any, Callable[[], None] | None, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if accepts:
+                conn.executemany(self._insert_message, [a.message_row for a in accepts])
+                bodies = [a.body_row for a in accepts if a.body_row is not None]
+                if bodies:
+                    conn.executemany(self._insert_body, bodies)
+                conn.executemany(self._insert_recipient,
+                                 itertools.chain.from_iterable(a.recipient_rows for a in accepts))
+            for op in ops:
+                op_outcomes.append(self._run_operation(conn, op))
+            crash_point("after_body_fsync")
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            self.failed_batches += 1
+            make_error = queue_error_from_exception(exc)
+            log.error("queue writer: batch of %d failed: %s", len(batch), exc)
+            for a in accepts:
+                a.body.discard_sealed()
+            self._resolve([(r.future, None, make_error()) for r in batch])
+            return
+        crash_point("after_commit")
+        self.batches += 1
+        self.accepted += len(accepts)
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
+            (a.future, a.queue_id, None) for a in accepts
+        ]
+        for op, value, after, error in op_outcomes:
+            if error is None:
+                self.operations += 1
+                if after is not None:
+                    try:
+                        after()
+                    except Exception:
+                        log.exception("queue writer: post-commit action failed")
+            results.append((op.future, value, error))
+        self._resolve(results)
+
+    @staticmethod
+    def _run_operation(
+        conn: sqlite3.Connection, op: OpRequest
+    ) -> tuple[OpRequest, Any, Callable[[], None] | None, BaseException | None]:
+        conn.execute("SAVEPOINT op")
+        try:
+            value, after = op.operation(conn)
+        except Exception as exc:
+            # If SQLite already rolled the whole transaction back this raises, and the batch fails.
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            error: BaseException = exc if not isinstance(exc, sqlite3.Error) else queue_error_from_exception(exc)()
+            return op, None, None, error
+        conn.execute("RELEASE op")
+        return op, value, after, None
+
+    def _rollback(self) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("queue writer: rollback failed; reopening the database")
+            try:
+                self._conn.close()
+            finally:
+                self._conn = self._connect()
+
+    @staticmethod
+    def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        """Hand every result to its loop: one call_soon_threadsafe per loop (normally exactly one)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, items)

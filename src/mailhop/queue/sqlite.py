@@ -1,0 +1,665 @@
+"""``SqliteQueue``: the embedded queue backend. One SQLite database (WAL, ``synchronous=FULL``) plus body
+files for large messages, in a spool directory::
+
+    <spool>/queue.db        messages, bodies (inline bodies), recipients, schema_version
+    <spool>/lock            flock'ed by the daemon (``start(recover=True)``)
+    <spool>/bodies/XY/<id>  bodies larger than ``inline_max`` (XY = last two characters of the id)
+
+Writes go through one writer thread (``commit.GroupCommitter``); reads use a small pool of read-only
+connections in worker threads (``asyncio.to_thread``), so neither ever blocks the event loop. WAL lets
+reads run concurrently with the writer and see only committed transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import io
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+
+from ..envelope import Envelope, MailParams
+from ..errors import QueueError
+from .backend import QueueBackend
+from .commit import AcceptRequest, GroupCommitter, OpRequest, queue_error_from_exception
+from .faults import crash_point
+from .ids import is_queue_id, new_queue_id
+from .model import QueuedMessage, RcptStatus, RecipientState
+from .spool import DEFAULT_INLINE_MAX, BodyWriter, Spool, fsync_dir
+
+__all__ = ["SCHEMA_VERSION", "SqliteQueue"]
+
+log = logging.getLogger("mailhop.queue")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """CREATE TABLE messages (
+        id          TEXT PRIMARY KEY NOT NULL,
+        sender      TEXT NOT NULL,              -- '' = null reverse-path
+        params      TEXT NOT NULL,              -- JSON: MAIL FROM parameters and session facts
+        received_at REAL NOT NULL,
+        size        INTEGER NOT NULL,           -- body bytes
+        held        INTEGER NOT NULL DEFAULT 0,
+        hold_reason TEXT NOT NULL DEFAULT '',
+        client_ip   TEXT NOT NULL DEFAULT '',
+        helo        TEXT NOT NULL DEFAULT '',
+        body_path   TEXT                        -- relative to the spool; NULL: the body is in bodies
+    )""",
+    "CREATE INDEX messages_held ON messages(id) WHERE held = 1",
+    """CREATE TABLE bodies (
+        id   TEXT PRIMARY KEY NOT NULL,         -- = messages.id
+        data BLOB NOT NULL
+    )""",
+    """CREATE TABLE recipients (
+        msg_id       TEXT NOT NULL,
+        idx          INTEGER NOT NULL,
+        address      TEXT NOT NULL,
+        domain       TEXT NOT NULL,
+        orcpt        TEXT,
+        notify       TEXT NOT NULL DEFAULT '',  -- comma-separated; '' = not given
+        status       TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        last_reply   TEXT NOT NULL DEFAULT '',
+        next_attempt REAL NOT NULL,
+        updated      REAL NOT NULL,
+        PRIMARY KEY (msg_id, idx)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX recipients_due ON recipients(status, next_attempt)",
+    "CREATE INDEX recipients_domain ON recipients(domain, status)",
+)
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, sender, params, received_at, size, client_ip, helo, body_path)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_BODY = "INSERT INTO bodies (id, data) VALUES (?, ?)"
+_INSERT_RECIPIENT = (
+    "INSERT INTO recipients (msg_id, idx, address, domain, orcpt, notify, status, attempts, last_reply,"
+    " next_attempt, updated) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, '', ?, ?)"
+)
+_MESSAGE_COLUMNS = "m.id, m.sender, m.params, m.received_at, m.size, m.held, m.hold_reason, m.client_ip, m.helo"
+_RECIPIENT_COLUMNS = (
+    "r.msg_id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.status, r.attempts, r.last_reply,"
+    " r.next_attempt, r.updated"
+)
+
+
+# --- row encoding ------------------------------------------------------------------------------------
+
+
+def _encode_params(env: Envelope) -> str:
+    mp = env.mail_params
+    d: dict[str, Any] = {}
+    if mp.size is not None:
+        d["size"] = mp.size
+    if mp.body is not None:
+        d["body"] = mp.body
+    if mp.smtputf8:
+        d["smtputf8"] = True
+    if mp.ret is not None:
+        d["ret"] = mp.ret
+    if mp.envid is not None:
+        d["envid"] = mp.envid
+    if mp.requiretls:
+        d["requiretls"] = True
+    if env.client_port:
+        d["port"] = env.client_port
+    if env.authenticated is not None:
+        d["auth"] = env.authenticated
+    if env.tls:
+        d["tls"] = True
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _typed(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = d.get(key, default)
+    if value is default:
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"params.{key} has type {type(value).__name__}")
+    return value
+
+
+def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool]:
+    """Strict: ValueError on anything we did not write."""
+    if not isinstance(text, str):
+        raise ValueError("params is not text")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"params is not JSON ({exc.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError("params is not a JSON object")
+    params = MailParams(
+        size=_typed(d, "size", int, None),
+        body=_typed(d, "body", str, None),
+        smtputf8=_typed(d, "smtputf8", bool, False),
+        ret=_typed(d, "ret", str, None),
+        envid=_typed(d, "envid", str, None),
+        requiretls=_typed(d, "requiretls", bool, False),
+    )
+    return params, _typed(d, "port", int, 0), _typed(d, "auth", str, None), _typed(d, "tls", bool, False)
+
+
+def _decode_recipient(row: tuple[Any, ...]) -> RecipientState:
+    _, idx, address, domain, orcpt, notify, status, attempts, last_reply, next_attempt, updated = row
+    if not (isinstance(idx, int) and isinstance(address, str) and isinstance(domain, str)
+            and isinstance(notify, str) and isinstance(attempts, int) and isinstance(last_reply, str)
+            and isinstance(next_attempt, int | float) and isinstance(updated, int | float)
+            and (orcpt is None or isinstance(orcpt, str))):
+        raise ValueError(f"recipient {idx!r} has a column of the wrong type")
+    return RecipientState(
+        idx=idx, address=address, domain=domain, orcpt=orcpt,
+        notify=tuple(notify.split(",")) if notify else (),
+        status=RcptStatus(status),  # ValueError for an unknown status
+        attempts=attempts, last_reply=last_reply, next_attempt=float(next_attempt), updated=float(updated),
+    )
+
+
+def _decode_message(row: tuple[Any, ...], rcpt_rows: Iterable[tuple[Any, ...]]) -> tuple[QueuedMessage, list[str]]:
+    """Best effort: a message is always returned (defaults for what cannot be decoded) with the problems."""
+    problems: list[str] = []
+    qid, sender, params_text, received_at, size, held, hold_reason, client_ip, helo = row
+    try:
+        params, port, auth, tls = _decode_params(params_text)
+    except ValueError as exc:
+        problems.append(str(exc))
+        params, port, auth, tls = MailParams(), 0, None, False
+    recipients = []
+    for r in rcpt_rows:
+        try:
+            recipients.append(_decode_recipient(r))
+        except ValueError as exc:
+            problems.append(f"recipient row: {exc}")
+    if not recipients and not problems:
+        problems.append("no recipients")
+    if not isinstance(received_at, int | float):
+        problems.append("received_at is not a number")
+        received_at = 0.0
+    if not isinstance(size, int):
+        problems.append("size is not an integer")
+        size = 0
+    message = QueuedMessage(
+        id=qid, sender=sender if isinstance(sender, str) else "", params=params,
+        received_at=float(received_at), size=size, held=bool(held),
+        hold_reason=hold_reason if isinstance(hold_reason, str) else "",
+        client_ip=client_ip if isinstance(client_ip, str) else "", helo=helo if isinstance(helo, str) else "",
+        recipients=tuple(recipients), client_port=port, authenticated=auth, tls=tls,
+    )
+    return message, problems
+
+
+def _map_read_error(exc: sqlite3.Error) -> QueueError:
+    return queue_error_from_exception(exc)()
+
+
+class SqliteQueue:
+    """The SQLite queue backend (see ``backend.QueueBackend`` for the contract)."""
+
+    def __init__(self, path: str | Path, *, inline_max: int = DEFAULT_INLINE_MAX,
+                 clock: Callable[[], float] = time.time, busy_timeout: float = 10.0) -> None:
+        self.spool = Spool(path)
+        self.db_path = self.spool.root / "queue.db"
+        self.inline_max = inline_max
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._committer: GroupCommitter | None = None
+        self._lock_fd = -1
+        self._readers: list[sqlite3.Connection] = []  # idle read connections
+        self._readers_lock = threading.Lock()
+        self._body_fsyncs = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, *, recover: bool = True) -> None:
+        if self._state != "new":
+            raise QueueError(f"queue already {self._state}")
+        self._state = "starting"
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._committer = await asyncio.to_thread(self._open, recover)
+        except BaseException:
+            self._state = "stopped"
+            raise
+        self._committer.start()
+        self._state = "started"
+
+    def _open(self, recover: bool) -> GroupCommitter:
+        try:
+            self.spool.ensure_layout()
+        except OSError as exc:
+            raise QueueError(f"cannot create spool {self.spool.root}: {exc}") from exc
+        if recover:
+            self._take_lock()
+        conn: sqlite3.Connection | None = None
+        try:
+            created = not self.db_path.exists()
+            conn = self._connect_writer()
+            self._ensure_schema(conn)
+            if created:
+                fsync_dir(self.spool.root)
+            if recover:
+                self._recover(conn)
+            return GroupCommitter(self._connect_writer, conn, (_INSERT_MESSAGE, _INSERT_BODY, _INSERT_RECIPIENT))
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            self._release_lock()
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise QueueError(f"cannot open queue {self.db_path}: {exc}") from exc
+            raise
+
+    def _take_lock(self) -> None:
+        path = self.spool.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise QueueError(f"cannot open {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise QueueError(
+                    f"spool {self.spool.root} is in use by another mailhop daemon (pid {holder}); "
+                    "only one daemon may run on a spool"
+                ) from None
+            raise QueueError(f"cannot lock {path}: {exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = -1
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise QueueError(f"{self.db_path}: cannot use WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    @staticmethod
+    def _ensure_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] if row else None
+            if version is None:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise QueueError(f"queue schema version {version} is newer than this mailhop ({SCHEMA_VERSION})")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Daemon start, under the spool lock: drop unacknowledged bodies, quarantine corrupt messages."""
+        referenced = {
+            row[0] for row in conn.execute("SELECT body_path FROM messages WHERE body_path IS NOT NULL")
+        }
+        orphans = 0
+        for path in self.spool.scan_bodies():
+            if path.relative_to(self.spool.root).as_posix() not in referenced:
+                Spool.remove(path)
+                orphans += 1
+        if orphans:
+            log.info("queue recovery: removed %d body files of messages never committed", orphans)
+
+        corrupt: list[tuple[str, str]] = []
+        messages = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS}, m.body_path, EXISTS (SELECT 1 FROM bodies b WHERE b.id = m.id)"
+            " FROM messages m ORDER BY m.id"
+        )
+        # A second cursor walks the recipients in the same order: a merge join, O(1) memory.
+        rcpts = conn.cursor()
+        rcpts.execute(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r ORDER BY r.msg_id, r.idx")
+        groups = itertools.groupby(rcpts, key=lambda r: r[0])
+        pending: tuple[Any, list[tuple[Any, ...]]] | None = None
+        try:
+            for row in messages:
+                qid = row[0]
+                rows: list[tuple[Any, ...]] = []
+                while True:
+                    if pending is None:
+                        nxt = next(groups, None)
+                        if nxt is None:
+                            break
+                        pending = (nxt[0], list(nxt[1]))
+                    if pending[0] < qid:  # recipients of no message: ignored (delete removes both)
+                        pending = None
+                        continue
+                    if pending[0] == qid:
+                        rows = pending[1]
+                        pending = None
+                    break
+                reason = self._check_message(row, rows)
+                if reason and not (row[5] == 1 and str(row[6]).startswith("corrupt:")):
+                    corrupt.append((qid, reason))
+        finally:
+            rcpts.close()
+            messages.close()
+        if corrupt:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE messages SET held = 1, hold_reason = ? WHERE id = ?",
+                             [(f"corrupt: {reason}"[:500], qid) for qid, reason in corrupt])
+            conn.execute("COMMIT")
+            for qid, reason in corrupt:
+                log.error("queue recovery: message %s quarantined (held): %s", qid, reason)
+
+    def _check_message(self, row: tuple[Any, ...], rcpt_rows: list[tuple[Any, ...]]) -> str:
+        try:
+            message, problems = _decode_message(row[:9], rcpt_rows)
+            body_path, has_inline = row[9], row[10]
+            qid = message.id
+            if body_path is None:
+                if not has_inline:
+                    problems.append("inline body missing")
+            elif not isinstance(qid, str) or not is_queue_id(qid) or body_path != Spool.relative_body_path(qid):
+                problems.append(f"unexpected body path {body_path!r}")
+            else:
+                try:
+                    actual = os.stat(self.spool.resolve(body_path)).st_size
+                except FileNotFoundError:
+                    problems.append("body file missing")
+                except OSError as exc:
+                    problems.append(f"body file unreadable: {exc}")
+                else:
+                    if actual != message.size:
+                        problems.append(f"body file has {actual} bytes, expected {message.size}")
+            return "; ".join(problems)
+        except Exception as exc:  # recovery never fails because of one message
+            return f"unreadable row: {type(exc).__name__}: {exc}"
+
+    async def stop(self) -> None:
+        if self._state not in ("started",):
+            return
+        self._state = "stopping"
+        committer = self._committer
+        assert committer is not None
+        try:
+            await asyncio.to_thread(committer.stop)
+        finally:
+            with self._readers_lock:
+                readers, self._readers = self._readers, []
+            for conn in readers:
+                conn.close()
+            self._release_lock()
+            self._state = "stopped"
+
+    def _require_started(self) -> GroupCommitter:
+        if self._state != "started" or self._committer is None:
+            raise QueueError(f"queue is {self._state}")
+        return self._committer
+
+    # --- accept ----------------------------------------------------------------------------------------
+
+    def body_writer(self) -> BodyWriter:
+        self._require_started()
+        return BodyWriter(self.spool, new_queue_id(), self.inline_max)
+
+    async def accept(self, envelope: Envelope, body: BodyWriter) -> str:
+        committer = self._require_started()
+        if not envelope.recipients:
+            body.abort()
+            raise ValueError("an envelope without recipients cannot be queued")
+        inline, rel_path = body.seal()
+        crash_point("after_body_write")
+        if rel_path is not None:
+            await self._sync_body(body)
+        qid = body.queue_id
+        now = self._clock()
+        message_row = (qid, envelope.sender_address, _encode_params(envelope), now, body.size,
+                       envelope.client_ip, envelope.helo, rel_path)
+        recipient_rows = [
+            (qid, i, str(r.mailbox), r.mailbox.domain, r.params.orcpt, ",".join(r.params.notify), now, now)
+            for i, r in enumerate(envelope.recipients)
+        ]
+        assert self._loop is not None
+        future: asyncio.Future[str] = self._loop.create_future()
+        try:
+            committer.submit(AcceptRequest(future, qid, message_row, None if inline is None else (qid, inline),
+                                           recipient_rows, body))
+        except QueueError:
+            body.discard_sealed()
+            raise
+        return await future
+
+    async def _sync_body(self, body: BodyWriter) -> None:
+        """fsync a body file and its directory in a worker thread, so a large fsync delays no other message."""
+        task = asyncio.ensure_future(asyncio.to_thread(body.sync))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def cleanup(t: asyncio.Future[None]) -> None:
+                if not t.cancelled():
+                    t.exception()  # retrieved: the caller is gone, the file goes
+                body.discard_sealed()
+
+            task.add_done_callback(cleanup)
+            raise
+        self._body_fsyncs += 2
+
+    # --- writes through the committer -------------------------------------------------------------------
+
+    async def _write(self, operation: Callable[[sqlite3.Connection], tuple[T, Callable[[], None] | None]]) -> T:
+        committer = self._require_started()
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        committer.submit(OpRequest(future, operation))
+        return await future
+
+    async def delete(self, queue_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> tuple[bool, Callable[[], None] | None]:
+            row = conn.execute("SELECT body_path FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            if row is None:
+                return False, None
+            conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+            conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+            if row[0] is None or not is_queue_id(queue_id):
+                return True, None
+            # The file goes only after the commit: a crash in between leaves an orphan, never a row
+            # without its body. The path is derived from the id, never taken from the row.
+            path = self.spool.body_path(queue_id)
+            return True, lambda: Spool.remove(path)
+
+        return await self._write(op)
+
+    async def hold(self, queue_id: str, reason: str = "admin") -> bool:
+        def op(conn: sqlite3.Connection) -> tuple[bool, None]:
+            cur = conn.execute(
+                "UPDATE messages SET hold_reason = CASE WHEN held = 1 THEN hold_reason ELSE ? END, held = 1"
+                " WHERE id = ?", (reason, queue_id))
+            return cur.rowcount > 0, None
+
+        return await self._write(op)
+
+    async def release(self, queue_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> tuple[bool, None]:
+            cur = conn.execute("UPDATE messages SET held = 0, hold_reason = '' WHERE id = ? AND held = 1",
+                               (queue_id,))
+            return cur.rowcount > 0, None
+
+        return await self._write(op)
+
+    async def flush(self) -> int:
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> tuple[int, None]:
+            cur = conn.execute(
+                "UPDATE recipients SET next_attempt = min(next_attempt, ?), updated = ? WHERE status = ?",
+                (now, now, RcptStatus.DEFERRED.value))
+            return cur.rowcount, None
+
+        return await self._write(op)
+
+    async def update_recipients(self, queue_id: str, recipients: Iterable[RecipientState]) -> int:
+        rows = [(r.status.value, r.attempts, r.last_reply, r.next_attempt, r.updated, queue_id, r.idx)
+                for r in recipients]
+
+        def op(conn: sqlite3.Connection) -> tuple[int, None]:
+            changed = 0
+            for row in rows:
+                changed += conn.execute(
+                    "UPDATE recipients SET status = ?, attempts = ?, last_reply = ?, next_attempt = ?,"
+                    " updated = ? WHERE msg_id = ? AND idx = ? AND status NOT IN ('delivered', 'failed')", row
+                ).rowcount
+            return changed, None
+
+        return await self._write(op)
+
+    # --- reads -----------------------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._require_started()
+        return await asyncio.to_thread(self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._readers_lock:
+            conn = self._readers.pop() if self._readers else None
+        reusable = False
+        try:
+            if conn is None:
+                conn = self._connect_reader()
+            conn.execute("BEGIN")  # one snapshot for all the statements of this read
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+                reusable = True
+        except sqlite3.Error as exc:
+            reusable = False
+            raise _map_read_error(exc) from exc
+        finally:
+            if conn is not None:
+                with self._readers_lock:
+                    if reusable and self._state == "started":
+                        self._readers.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+
+    async def get(self, queue_id: str) -> QueuedMessage | None:
+        def read(conn: sqlite3.Connection) -> QueuedMessage | None:
+            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (queue_id,)).fetchone()
+            if row is None:
+                return None
+            rcpts = conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id = ? ORDER BY r.idx", (queue_id,)
+            ).fetchall()
+            return _decode_message(row, rcpts)[0]
+
+        return await self._read(read)
+
+    async def list(self, *, domain: str | None = None, status: RcptStatus | None = None,
+                   held: bool | None = None, limit: int | None = None) -> list[QueuedMessage]:
+        where: list[str] = []
+        args: list[Any] = []
+        if held is not None:
+            where.append("m.held = 1" if held else "m.held = 0")
+        if domain is not None or status is not None:
+            sub = []
+            if domain is not None:
+                sub.append("r.domain = ?")
+                args.append(domain.lower())
+            if status is not None:
+                sub.append("r.status = ?")
+                args.append(RcptStatus(status).value)
+            # driven by the recipients_domain / recipients_due index, not a scan of every message
+            where.append(f"m.id IN (SELECT r.msg_id FROM recipients r WHERE {' AND '.join(sub)})")
+        selection = f"FROM messages m {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY m.id LIMIT ?"
+        args.append(-1 if limit is None else max(limit, 0))
+
+        def read(conn: sqlite3.Connection) -> list[QueuedMessage]:
+            rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} {selection}", args).fetchall()
+            if not rows:
+                return []
+            by_id: dict[str, list[tuple[Any, ...]]] = {row[0]: [] for row in rows}
+            for r in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id IN (SELECT m.id {selection})"
+                " ORDER BY r.msg_id, r.idx", args
+            ):
+                by_id[r[0]].append(r)
+            return [_decode_message(row, by_id[row[0]])[0] for row in rows]
+
+        return await self._read(read)
+
+    async def open_body(self, queue_id: str) -> BinaryIO:
+        def read(conn: sqlite3.Connection) -> BinaryIO:
+            row = conn.execute("SELECT body_path FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            if row is None:
+                raise KeyError(queue_id)
+            if row[0] is None:
+                body = conn.execute("SELECT data FROM bodies WHERE id = ?", (queue_id,)).fetchone()
+                if body is None:
+                    raise QueueError(f"message {queue_id}: inline body missing")
+                return io.BytesIO(body[0])
+            if not is_queue_id(queue_id):
+                raise QueueError(f"message {queue_id}: invalid id for a body file")
+            try:
+                return open(self.spool.body_path(queue_id), "rb")  # the caller closes it
+            except OSError as exc:
+                raise QueueError(f"message {queue_id}: cannot open body file: {exc}") from exc
+
+        return await self._read(read)
+
+    async def stats(self) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            total, held = conn.execute("SELECT count(*), coalesce(sum(held), 0) FROM messages").fetchone()
+            out = {"messages": total, "held": held}
+            out.update({s.value: 0 for s in RcptStatus})
+            for status, count in conn.execute("SELECT status, count(*) FROM recipients GROUP BY status"):
+                out[str(status)] = count
+            return out
+
+        return await self._read(read)
+
+    def counters(self) -> dict[str, int]:
+        c = self._committer
+        return {
+            "batches": c.batches if c else 0,
+            "failed_batches": c.failed_batches if c else 0,
+            "accepted": c.accepted if c else 0,
+            "operations": c.operations if c else 0,
+            "body_fsyncs": self._body_fsyncs,
+        }
+
+
+if TYPE_CHECKING:
+    _backend_check: QueueBackend = SqliteQueue("")  # SqliteQueue implements the protocol

@@ -1,0 +1,408 @@
+"""One client connection: pumps bytes between the transport and a sans-IO ServerConnection.
+
+Untrusted input: everything the client sends. The core bounds every line and message; this module bounds time
+(RFC 5321 4.5.3.2 timeouts from the core's current state), memory (reading pauses while work is pending and
+while the client does not read our replies) and storage (bodies stream into the spool, never into memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..envelope import Envelope
+from ..errors import QueueError, QueueFullError
+from ..message.headers import HeaderScanner, received_header
+from ..reply import R, Reply
+from ..smtp import (
+    NEED_DATA,
+    BdatChunkEnd,
+    ConnectionClosed,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Ehlo,
+    Mail,
+    Quit,
+    Rcpt,
+    Reset,
+    ServerConnection,
+    ServerSettings,
+    StartTls,
+)
+
+if TYPE_CHECKING:
+    from ..policy.relay import RelayPolicy
+    from ..queue.backend import QueueBackend
+    from ..queue.spool import BodyWriter
+    from .listener import ConnectionLimiter
+
+__all__ = ["SessionContext", "SmtpSession"]
+
+log = logging.getLogger("mailhop.smtp")
+
+# Pause reading once this much unprocessed input is waiting: a pipelining client cannot make us buffer more.
+_READ_HIGH_WATER = 256 * 1024
+
+
+@dataclass
+class SessionContext:
+    """Everything a session needs from the daemon, shared by all sessions of a listener."""
+
+    settings: ServerSettings
+    relay: RelayPolicy
+    queue: QueueBackend
+    limiter: ConnectionLimiter
+    max_received_headers: int = 50
+    ssl_context: ssl.SSLContext | None = None
+    sessions: set[SmtpSession] = field(default_factory=set)
+    shutting_down: bool = False
+
+
+class SmtpSession(asyncio.Protocol):
+    """The asyncio protocol for one SMTP connection; all decisions are delegated to the core and policy."""
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.conn = ServerConnection(ctx.settings)
+        self.client_ip = ""
+        self.client_port = 0
+        self.trusted = False
+        self.helo = ""
+        self.extended = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._paused = False
+        self._write_paused = False
+        self._pending_bytes = 0
+        self._body: BodyWriter | None = None
+        self._body_error: Reply | None = None
+        self._headers: HeaderScanner | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._in_transaction = False
+        self._idle = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        if self.ctx.shutting_down:
+            transport.write(R.SHUTTING_DOWN.to_bytes())
+            transport.close()
+            self._closed = True
+            return
+        if not self.ctx.limiter.acquire(self.client_ip):
+            transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
+            transport.close()
+            self._closed = True
+            return
+        self.trusted = self.ctx.relay.is_trusted(self.client_ip)
+        self.ctx.sessions.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > _READ_HIGH_WATER and not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            self.conn.receive_data(b"")
+        self._wake()
+
+    def pause_writing(self) -> None:
+        # The client is not reading our replies; stop reading its commands until it does.
+        self._write_paused = True
+        if self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    # -- the session loop -------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self._closed:
+            self.transport.write(out)
+
+    async def _wait_for_input(self) -> bool:
+        """Wait for more bytes within the core's current timeout; False on timeout."""
+        self._pending_bytes = 0
+        if self._paused and not self._write_paused and self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+            self._paused = False
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(self.conn.wants_timeout(), self._waiter.cancel)
+        self._idle = not self._in_transaction
+        try:
+            await self._waiter
+            return True
+        except asyncio.CancelledError:
+            if self._waiter.cancelled() and not timer.cancelled():
+                # Our timer fired (not an outside cancellation of the task).
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                return False
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._idle = False
+
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            log.exception("session error client=%s", self.client_ip)
+        finally:
+            self._cleanup()
+
+    async def _serve(self) -> None:
+        conn = self.conn
+        conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                if self._closed:
+                    return
+                if self.ctx.shutting_down and not self._in_transaction:
+                    self._write_raw(R.SHUTTING_DOWN.to_bytes())
+                    return
+                if not await self._wait_for_input():
+                    self._flush()
+                    self._write_raw(conn.timeout_reply().to_bytes())
+                    log.info("timeout client=%s", self.client_ip)
+                    return
+                continue
+            if isinstance(event, DataChunk):
+                self._on_chunk(event.data)
+            elif isinstance(event, Rcpt):
+                reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted)
+                conn.send(reply or R.RCPT_OK)
+            elif isinstance(event, Mail):
+                self._in_transaction = True
+                conn.send(R.SENDER_OK)
+            elif isinstance(event, DataStart):
+                self._start_body(bdat=event.bdat)
+            elif isinstance(event, DataEnd):
+                conn.send(await self._end_body(event))
+                self._in_transaction = False
+            elif isinstance(event, BdatChunkEnd):
+                conn.send(self._body_error or Reply(250, "2.0.0", f"{event.size} octets received"))
+            elif isinstance(event, Ehlo):
+                self.helo, self.extended = event.hostname, event.extended
+                self._drop_body()
+                self._in_transaction = False
+                conn.send(conn.ehlo_reply(f"{self.ctx.settings.hostname} Hello {event.hostname}"))
+            elif isinstance(event, Reset):
+                self._drop_body()
+                self._in_transaction = False
+            elif isinstance(event, StartTls):
+                if not await self._start_tls():
+                    return
+            elif isinstance(event, Quit):
+                conn.send(R.BYE)
+                self._flush()
+                self._close()
+                return
+            elif isinstance(event, ConnectionClosed):
+                self._flush()
+                self._close()
+                return
+            else:  # pragma: no cover - the core's event set is closed
+                raise AssertionError(f"unhandled event {event!r}")
+
+    # -- message body -----------------------------------------------------------------------------------------------
+    def _start_body(self, *, bdat: bool) -> None:
+        self._drop_body()
+        try:
+            body = self.ctx.queue.body_writer()
+            tx = self.conn.transaction
+            rcpts = tx.recipients
+            proto = ("UTF8SMTP" if tx.mail_params.smtputf8 else "ESMTP") if self.extended else "SMTP"
+            if self.conn.tls_active:
+                proto += "S"
+            body.write(
+                received_header(
+                    helo=self.helo,
+                    client_ip=self.client_ip,
+                    hostname=self.ctx.settings.hostname,
+                    protocol=proto,
+                    queue_id=body.queue_id,
+                    recipient=rcpts[0].address if len(rcpts) == 1 else None,
+                )
+            )
+        except QueueFullError:
+            self.conn.send(R.INSUFFICIENT_STORAGE)
+            return
+        except QueueError:
+            self.conn.send(R.LOCAL_ERROR)
+            return
+        self._body = body
+        self._body_error = None
+        self._headers = HeaderScanner()
+        self.conn.accept_data()
+
+    def _on_chunk(self, data: bytes) -> None:
+        if self._body is None or self._body_error is not None:
+            return
+        assert self._headers is not None
+        if not self._headers.done:
+            self._headers.feed(data)
+        try:
+            self._body.write(data)
+        except QueueFullError:
+            self._body_error = R.INSUFFICIENT_STORAGE
+        except QueueError:
+            self._body_error = R.LOCAL_ERROR
+        if self._body_error is not None:
+            log.warning("spool write failed client=%s", self.client_ip)
+            self._drop_body(keep_error=True)
+
+    async def _end_body(self, event: DataEnd) -> Reply:
+        body, headers = self._body, self._headers
+        self._body = None
+        if event.error is not None or self._body_error is not None or body is None or headers is None:
+            if body is not None:
+                body.abort()
+            return event.error or self._body_error or R.LOCAL_ERROR
+        headers.finish()
+        if headers.received_count > self.ctx.max_received_headers:
+            body.abort()
+            log.info("mail loop client=%s received=%d", self.client_ip, headers.received_count)
+            return R.MAIL_LOOP
+        tx = self.conn.transaction
+        envelope = Envelope(
+            sender=tx.sender,
+            mail_params=tx.mail_params,
+            recipients=tx.recipients,
+            helo=self.helo,
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            tls=self.conn.tls_active,
+        )
+        try:
+            queue_id = await self.ctx.queue.accept(envelope, body)
+        except QueueFullError:
+            log.warning("queue full client=%s", self.client_ip)
+            return R.INSUFFICIENT_STORAGE
+        except QueueError as exc:
+            log.error("queue error client=%s: %s", self.client_ip, exc.detail)
+            return R.LOCAL_ERROR
+        log.info(
+            "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
+            queue_id,
+            envelope.sender_address,
+            len(envelope.recipients),
+            event.size,
+            self.client_ip,
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _drop_body(self, *, keep_error: bool = False) -> None:
+        if self._body is not None:
+            self._body.abort()
+            self._body = None
+        if not keep_error:
+            self._body_error = None
+
+    # -- TLS --------------------------------------------------------------------------------------------------------
+    async def _start_tls(self) -> bool:
+        ctx = self.ctx.ssl_context
+        if ctx is None or self.transport is None:  # the core only emits StartTls when TLS is available
+            self.conn.send(R.TLS_NOT_AVAILABLE)
+            return True
+        self.conn.send(R.READY_TLS)
+        self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, ctx, server_side=True), self.conn.wants_timeout()
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("TLS handshake failed client=%s: %s", self.client_ip, exc)
+            self._close()
+            return False
+        if new_transport is None:
+            self._close()
+            return False
+        self.transport = new_transport  # type: ignore[assignment]
+        self.conn.tls_started()
+        if self.conn.discarded_after_starttls:
+            log.warning(
+                "discarded %d bytes pipelined after STARTTLS client=%s",
+                self.conn.discarded_after_starttls,
+                self.client_ip,
+            )
+        self.helo = ""
+        self._drop_body()
+        self._in_transaction = False
+        return True
+
+    # -- closing ----------------------------------------------------------------------------------------------------
+    def _write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._closed = True
+
+    def _cleanup(self) -> None:
+        self._drop_body()
+        self._close()
+        if self in self.ctx.sessions:
+            self.ctx.sessions.discard(self)
+            self.ctx.limiter.release(self.client_ip)
+
+    @property
+    def idle(self) -> bool:
+        """True while waiting for a command outside a transaction: safe to close at shutdown."""
+        return self._idle
+
+    def shutdown(self) -> None:
+        """Ask the session to close at its next safe point (between transactions)."""
+        if self._idle:
+            self._wake_shutdown()
+
+    def _wake_shutdown(self) -> None:
+        self._wake()
+
+    def abort(self) -> None:
+        """Close now, whatever the state (after the shutdown grace period)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task

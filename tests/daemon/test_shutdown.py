@@ -1,0 +1,31 @@
+"""SIGTERM: idle sessions get 421, a transaction in flight completes with 250, the daemon exits 0."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from .harness import Client, free_port, start_relay, write_config
+
+
+def test_sigterm_finishes_transaction_in_flight(tmp_path: Path) -> None:
+    port = free_port()
+    relay = start_relay(write_config(tmp_path, port), "127.0.0.1", port, tmp_path / "spool")
+    idle = Client("127.0.0.1", port)
+    busy = Client("127.0.0.1", port)
+    for c in (idle, busy):
+        assert c.reply().startswith("220")
+        c.line("EHLO t")
+        c.reply()
+    busy.send(b"MAIL FROM:<a@t.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert [busy.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+    busy.send(b"Subject: half\r\n\r\nfirst half\r\n")
+    relay.proc.send_signal(signal.SIGTERM)
+    assert idle.reply().startswith("421 4.3.2")
+    busy.send(b"second half\r\n.\r\n")
+    assert busy.reply().startswith("250 2.0.0 Ok: queued as")
+    busy.line("NOOP")
+    # After the transaction the busy session is closed too.
+    assert busy.reply().startswith("421 4.3.2")
+    assert relay.proc.wait(timeout=20) == 0
+    assert len(relay.queue_ids()) == 1

@@ -1,0 +1,137 @@
+"""STARTTLS (RFC 3207): handshake via the public loop.start_tls, injection defence, state reset."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .harness import Relay, run_relay
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_relay(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[Relay]:
+    tmp: Path = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("relay.example.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    with run_relay(tmp, extra='[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n') as r:
+        yield r
+
+
+def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+class Raw:
+    def __init__(self, relay: Relay) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((relay.host, relay.port), timeout=5)
+        self.buf = b""
+
+    def reply(self) -> str:
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                self.buf += data
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def upgrade(self, ctx: ssl.SSLContext) -> None:
+        assert not self.buf, f"plaintext left over before TLS: {self.buf!r}"
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="relay.example.test")
+
+
+def test_starttls_advertised_and_works(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\n")
+    assert "250-STARTTLS" in c.reply() or "250 STARTTLS" in c.reply()
+
+
+def test_starttls_transaction_and_no_readvertise(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\n")
+    c.reply()
+    c.send(b"STARTTLS\r\n")
+    assert c.reply().startswith("220 2.0.0")
+    c.upgrade(client_ctx(ca))
+    c.send(b"EHLO t\r\n")
+    ehlo = c.reply()
+    assert "STARTTLS" not in ehlo
+    c.send(b"STARTTLS\r\n")
+    assert c.reply().startswith("5")
+    c.send(b"MAIL FROM:<a@t.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert [c.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+    c.send(b"Subject: tls\r\n\r\nx\r\n.\r\n")
+    assert c.reply().startswith("250 2.0.0 Ok: queued as")
+
+
+def test_starttls_command_injection_is_discarded(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\n")
+    c.reply()
+    injected = b"EHLO injected\r\nMAIL FROM:<evil@x.test>\r\n"
+    c.send(b"STARTTLS\r\n" + injected)
+    assert c.reply().startswith("220 2.0.0")
+    c.upgrade(client_ctx(ca))
+    # Nothing must answer the injected commands; the first reply we see is to our own NOOP.
+    c.send(b"NOOP\r\n")
+    first = c.reply()
+    assert first.startswith("250 2.0.0"), first
+    assert not c.buf
+    # And the injected EHLO did not count: state was reset, so MAIL before EHLO is out of order.
+    c.send(b"MAIL FROM:<a@t.test>\r\n")
+    assert c.reply().startswith("503 5.5.1")
+    assert f"discarded {len(injected)} bytes pipelined after STARTTLS" in tls_relay.log()
+
+
+def test_state_reset_after_tls(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\nMAIL FROM:<a@t.test>\r\n")
+    c.reply()
+    assert c.reply().startswith("250")
+    c.send(b"STARTTLS\r\n")
+    assert c.reply().startswith("220")
+    c.upgrade(client_ctx(ca))
+    c.send(b"RCPT TO:<b@example.test>\r\n")
+    assert c.reply().startswith("503 5.5.1")
+
+
+def test_tls_below_1_2_refused(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\nSTARTTLS\r\n")
+    c.reply()
+    assert c.reply().startswith("220")
+    ctx = client_ctx(ca)
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with contextlib.suppress(ssl.SSLError):
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c.upgrade(ctx)
+        c.send(b"NOOP\r\n")
+        c.reply()

@@ -1,0 +1,219 @@
+"""SqliteQueue specifics: storage layout, durability settings, fault injection, memory bound."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sqlite3
+import stat
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from contract import FakeClock, make_envelope, queue_message, read_all
+
+from mailhop.errors import QueueError, QueueFullError
+from mailhop.queue import SqliteQueue, spool
+from mailhop.queue.sqlite import SCHEMA_VERSION
+
+pytestmark = pytest.mark.anyio
+KB = 1024
+MB = 1024 * KB
+
+
+@pytest.fixture
+async def q(anyio_backend: str, tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteQueue]:
+    backend = SqliteQueue(tmp_path / "spool", clock=clock)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+def body_files(q: SqliteQueue) -> list[Path]:
+    return sorted(q.spool.scan_bodies())
+
+
+async def on_writer(q: SqliteQueue, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """Run fn on the writer connection, in the writer thread (a test seam; not for production code)."""
+    return await q._write(lambda conn: (fn(conn), None))
+
+
+async def test_layout_and_durability_settings(q: SqliteQueue) -> None:
+    root = q.spool.root
+    assert (root / "queue.db").is_file()
+    assert (root / "lock").read_text().strip() == str(os.getpid())
+    assert len(os.listdir(root / "bodies")) == 1024
+    assert await on_writer(q, lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert await on_writer(q, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    assert await on_writer(q, lambda c: c.execute("SELECT version FROM schema_version").fetchone()[0]) == \
+        SCHEMA_VERSION
+
+
+async def test_small_bodies_inline_large_in_files(q: SqliteQueue) -> None:
+    small = await queue_message(q, b"s" * q.inline_max)  # exactly the limit: still inline
+    assert body_files(q) == []
+    big = await queue_message(q, b"b" * (q.inline_max + 1))
+    files = body_files(q)
+    assert files == [q.spool.root / "bodies" / big[-2:] / big]
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert files[0].read_bytes() == b"b" * (q.inline_max + 1)
+    assert q.counters()["body_fsyncs"] == 2  # the file and its directory, nothing for the inline one
+    assert await q.delete(big)
+    assert body_files(q) == []
+    assert await read_all(q, small) == b"s" * q.inline_max
+
+
+async def test_inline_max_is_configurable(tmp_path: Path) -> None:
+    backend = SqliteQueue(tmp_path / "s", inline_max=10)
+    await backend.start()
+    try:
+        qid = await queue_message(backend, b"12345678901")
+        assert body_files(backend) == [backend.spool.body_path(qid)]
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.parametrize(("err", "exc_type"), [(errno.EIO, QueueError), (errno.ENOSPC, QueueFullError)])
+async def test_body_fsync_failure(q: SqliteQueue, monkeypatch: pytest.MonkeyPatch, err: int,
+                                  exc_type: type[QueueError]) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(spool, "fsync", failing_fsync)
+    with pytest.raises(exc_type) as info:
+        await queue_message(q, b"x" * (300 * KB))
+    assert type(info.value) is exc_type
+    assert body_files(q) == []
+    assert (await q.stats())["messages"] == 0
+    monkeypatch.undo()
+    qid = await queue_message(q, b"y" * (300 * KB))  # the queue keeps working
+    assert await read_all(q, qid) == b"y" * (300 * KB)
+
+
+@pytest.mark.parametrize(("err", "exc_type"), [(errno.EIO, QueueError), (errno.ENOSPC, QueueFullError)])
+async def test_body_write_failure(q: SqliteQueue, monkeypatch: pytest.MonkeyPatch, err: int,
+                                  exc_type: type[QueueError]) -> None:
+    writer = q.body_writer()
+    writer.write(b"a" * (200 * KB))  # spilled to a file
+
+    def failing_write(fd: int, data: Any) -> int:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(spool, "write", failing_write)
+    with pytest.raises(exc_type):
+        writer.write(b"more")
+    assert body_files(q) == []
+    with pytest.raises(exc_type):  # the session keeps reading the data; later writes fail the same way
+        writer.write(b"more")
+    with pytest.raises(exc_type):
+        await q.accept(make_envelope(), writer)
+    writer.abort()
+    monkeypatch.undo()
+    assert await read_all(q, await queue_message(q, b"ok")) == b"ok"
+
+
+async def test_unwritable_bodies_dir(q: SqliteQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def deny_bodies(path: Any, flags: int, mode: int = 0o777) -> int:
+        if "bodies" in str(path) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", deny_bodies)
+    writer = q.body_writer()
+    with pytest.raises(QueueError) as info:
+        writer.write(b"x" * (200 * KB))
+    assert not isinstance(info.value, QueueFullError)
+    monkeypatch.undo()
+    await queue_message(q, b"fine")
+
+
+async def test_database_full_fails_the_batch_then_recovers(q: SqliteQueue) -> None:
+    keep = await queue_message(q, b"before")
+    pages = await on_writer(q, lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    # SQLITE_FULL from a real SQLite code path: the database may not grow by a single page
+    await on_writer(q, lambda c: c.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+    results = await asyncio.gather(
+        *(queue_message(q, b"x" * size) for size in (5 * KB, 100 * KB, 64 * KB)), return_exceptions=True
+    )
+    assert all(type(r) is QueueFullError for r in results), results
+    assert q.counters()["failed_batches"] >= 1
+    await on_writer(q, lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone())
+    qid = await queue_message(q, b"after" * 70000)
+    assert [m.id for m in await q.list()] == [keep, qid]
+
+
+async def test_commit_failure_fails_the_whole_batch_and_removes_its_files(q: SqliteQueue) -> None:
+    await on_writer(q, lambda c: c.execute(
+        "CREATE TEMP TRIGGER fail_insert BEFORE INSERT ON main.messages BEGIN SELECT RAISE(ABORT, 'injected'); END"))
+    writers = []
+    for size in (5 * KB, 300 * KB, 1 * MB):
+        w = q.body_writer()
+        w.write(b"x" * size)
+        writers.append(w)
+    assert len(body_files(q)) == 2
+    before = q.counters()
+    results = await asyncio.gather(*(q.accept(make_envelope(), w) for w in writers), return_exceptions=True)
+    assert [type(r) for r in results] == [QueueError] * 3, results
+    assert all("injected" in str(r) for r in results)
+    assert body_files(q) == []
+    assert q.counters()["failed_batches"] > before["failed_batches"]
+    assert q.counters()["accepted"] == before["accepted"]
+    await on_writer(q, lambda c: c.execute("DROP TRIGGER temp.fail_insert"))
+    qid = await queue_message(q, b"z" * (300 * KB))
+    assert await read_all(q, qid) == b"z" * (300 * KB)
+    assert (await q.stats())["messages"] == 1
+
+
+async def test_failing_admin_operation_is_isolated(q: SqliteQueue) -> None:
+    def boom(conn: sqlite3.Connection) -> tuple[None, None]:
+        conn.execute("UPDATE messages SET held = 1")
+        raise RuntimeError("bug in an operation")
+
+    qid = await queue_message(q)
+    results = await asyncio.gather(q._write(boom), queue_message(q), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert isinstance(results[1], str)
+    m = await q.get(qid)
+    assert m is not None and not m.held  # the failed operation was rolled back to its savepoint
+
+
+async def test_large_body_does_not_grow_memory(q: SqliteQueue) -> None:
+    chunk = os.urandom(64 * KB)
+    tracemalloc.start()
+    try:
+        writer = q.body_writer()
+        for _ in range(800):  # 50 MB
+            writer.write(chunk)
+        qid = await q.accept(make_envelope(), writer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * MB, f"peak {peak} bytes while queueing 50 MB"
+    m = await q.get(qid)
+    assert m is not None and m.size == 50 * MB
+    assert q.spool.body_path(qid).stat().st_size == 50 * MB
+
+
+async def test_stopped_queue_refuses_work(tmp_path: Path) -> None:
+    backend = SqliteQueue(tmp_path / "s")
+    with pytest.raises(QueueError):
+        backend.body_writer()
+    await backend.start()
+    writer = backend.body_writer()
+    writer.write(b"x" * (200 * KB))
+    await backend.stop()
+    await backend.stop()  # idempotent
+    with pytest.raises(QueueError):
+        await backend.accept(make_envelope(), writer)
+    writer.abort()
+    with pytest.raises(QueueError):
+        await backend.get("0" * 16)
+    with pytest.raises(QueueError):
+        await backend.start()

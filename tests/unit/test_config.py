@@ -1,0 +1,105 @@
+"""Configuration validation: errors name the key and the fix; check-config exit codes; the reference is current."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailhop.config import load_config
+from mailhop.config.reference import render_reference
+from mailhop.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    return p
+
+
+def test_sample_config_is_valid() -> None:
+    cfg = load_config(ROOT / "mailhop.sample.toml")
+    assert cfg.listener[0].host_port == ("127.0.0.1", 2525)
+    assert cfg.queue.path == ROOT / "var" / "spool"
+    assert cfg.relay.domains == ["example.test"]
+
+
+def test_issue_keys_accepted(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+hostname = "relay.example.test"
+[[listener]]
+address = "127.0.0.1:2525"
+role = "mx"
+[relay]
+trusted_networks = ["127.0.0.0/8", "::1/128"]
+domains = ["example.test"]
+[queue]
+path = "var/spool"
+[limits]
+max_message_size = 52428800
+max_recipients = 1000
+""",
+        )
+    )
+    assert cfg.limits.max_recipients == 1000 and cfg.hostname == "relay.example.test"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "hint"),
+    [
+        ('[[listener]]\naddress = "127.0.0.1"\n', "listener[0].address", "HOST:PORT"),
+        ('[[listener]]\naddress = "mail.example:25"\n', "listener[0].address", "not an IP address"),
+        ('[relay]\ntrusted_networks = ["10.0.0.1/8"]\n', "relay.trusted_networks", "CIDR"),
+        ('[relay]\ndomains = ["bad domain"]\n', "relay.domains", "valid domain"),
+        ("[limits]\nmax_recipients = 10\n", "limits.max_recipients", "greater than or equal to 100"),
+        ("[limits]\nmax_mesage_size = 10\n", "limits.max_mesage_size", "unknown key"),
+        ('[tls]\ncertificate = "c.pem"\n', "tls", "both"),
+        ('hostname = "not a host"\n', "hostname", "fully qualified"),
+        ('[[listener]]\naddress = "127.0.0.1:25"\n[[listener]]\naddress = "127.0.0.1:25"\n', "listener", "twice"),
+    ],
+    ids=["no-port", "name-not-ip", "bad-cidr", "bad-domain", "too-few-rcpts", "typo", "tls-half", "hostname", "dup"],
+)
+def test_errors_name_key_and_fix(tmp_path: Path, text: str, key: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert f": {key}:" in info.value.detail, info.value.detail
+    assert hint in info.value.detail
+
+
+def test_missing_certificate_file_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.certificate: file .* does not exist"):
+        load_config(write(tmp_path, '[tls]\ncertificate = "c.pem"\nkey = "k.pem"\n'))
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[limits\n"))
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailhop.cli", "check-config", "--config", str(path)], capture_output=True, text=True
+    )
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    ok = _check(ROOT / "mailhop.sample.toml")
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = _check(write(tmp_path, "[limits]\nmax_recipients = -1\n"))
+    assert bad.returncode == 78
+    assert "limits.max_recipients" in bad.stderr
+    missing = _check(tmp_path / "nope.toml")
+    assert missing.returncode == 78 and "file not found" in missing.stderr
+
+
+def test_configuration_reference_is_current() -> None:
+    assert (ROOT / "docs" / "configuration.md").read_text() == render_reference(), (
+        "docs/configuration.md is stale: run `mailhop config-reference > docs/configuration.md`"
+    )
