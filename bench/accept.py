@@ -140,7 +140,10 @@ def run_postfix(workload: Workload, root: Path, repeat: int) -> RunResult:
         )
         problems = postfix.postfix.problems()
         if problems:
-            result.problems.append(f"Postfix logged {len(problems)} warnings/errors, first: {problems[0]}")
+            result.problems.append(f"Postfix logged {len(problems)} errors, first: {problems[0]}")
+        warnings = postfix.postfix.warnings()
+        if warnings:
+            result.notes.append(f"Postfix logged {len(warnings)} warnings, first: {warnings[0]}")
         if postfix.postfix.congestion():
             result.notes.append("qmgr warned that the relay to the sink filled the active queue (congestion)")
     return result
@@ -242,7 +245,7 @@ def header(workload: Workload, args: argparse.Namespace) -> str:
             f"command: {shlex.join([Path(sys.executable).name, '-m', 'bench.accept', *args.raw])}",
             f"date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
             f"machine: nproc={os.cpu_count()}, cpu={cpu_model()}, python={platform.python_version()}, "
-            f"postfix={postfix_version()}",
+            f"postfix={postfix_version()}, loadavg={' '.join(f'{x:.2f}' for x in os.getloadavg())}",
             f"workload: {shlex.join(command)}  ({args.repeats} repeat(s) per target, timing smtp-source wall time only)",
             f"note: {ASYMMETRY}",
         ]

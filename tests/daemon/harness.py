@@ -35,6 +35,7 @@ class Relay:
     spool: Path
     config: Path
     log_lines: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None
 
     def log(self) -> str:
         return "".join(self.log_lines)
@@ -42,7 +43,17 @@ class Relay:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            if self.pump is not None:
+                self.pump.join(timeout=5)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
 
     def queue_ids(self) -> list[str]:
         out = subprocess.run(
@@ -108,19 +119,25 @@ def start_relay(cfg: Path, host: str, port: int, spool: Path, env: dict[str, str
     )
     relay = Relay(proc, host, port, spool, cfg)
     ready = threading.Event()
+    seen = threading.Event()
 
     def pump() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             relay.log_lines.append(line)
             if READY.search(line):
+                seen.set()
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or proc.poll() is not None:
+    relay.pump = threading.Thread(target=pump, daemon=True)
+    relay.pump.start()
+    if not ready.wait(timeout) or not seen.is_set():
         proc.kill()
         proc.wait()
+        relay.pump.join(timeout=5)
+        assert proc.stderr is not None
+        proc.stderr.close()
         raise RuntimeError(f"mailhop did not become ready:\n{relay.log()}")
     return relay
 

@@ -67,7 +67,7 @@ def test_helo_and_full_transaction(relay: Relay) -> None:
         ("MAIL FROM:<sender@client.test> FOO=BAR", r"555 5\.5\.4"),
         ("RCPT TO:<x@example.test>", r"503 5\.5\.1"),
         ("DATA", r"503 5\.5\.1"),
-        ("BDAT 10 LAST", r"503 5\.5\.1"),
+        ("BDAT 0 LAST", r"503 5\.5\.1"),
         ("STARTTLS", r"5\d\d 5\.5\.1"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " not in v else None,
@@ -141,7 +141,7 @@ def test_bdat_transaction(relay: Relay) -> None:
         S: 250
         B: b"BDAT 12\\r\\nSubject: x\\r\\n"
         S: 250 2\\.0\\.0 12 octets
-        B: b"BDAT 9 LAST\\r\\n\\r\\nbody\\r\\n\\r\\n"
+        B: b"BDAT 8 LAST\\r\\n\\r\\nbody\\r\\n"
         S: 250 2\\.0\\.0 Ok: queued as
         """,
     ).close()
@@ -182,7 +182,8 @@ def test_message_too_big_read_to_end_then_552(relay: Relay) -> None:
 
 
 def test_too_many_errors_disconnects(relay: Relay) -> None:
-    c = run_transcript(relay, HELLO + "C: BOGUS\nS: 500\n" * 4 + "C: BOGUS\nS: 421 4\\.7\\.0\nCLOSED")
+    # max_errors = 5: the fifth error reply is followed by 421 and the close.
+    c = run_transcript(relay, HELLO + "C: BOGUS\nS: 500\n" * 5 + "S: 421 4\\.7\\.0\nCLOSED")
     c.close()
 
 

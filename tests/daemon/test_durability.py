@@ -74,6 +74,7 @@ class Sender(threading.Thread):
                     assert m
                     self.acked[token] = m.group(1).decode()
         finally:
+            f.close()
             s.close()
 
 
@@ -111,8 +112,7 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
         while kills < KILLS:
             # Kill only after some traffic since the last restart, at a random moment.
             stop.wait(rng.uniform(0.05, 0.4))
-            relay.proc.send_signal(signal.SIGKILL)
-            relay.proc.wait()
+            relay.stop(signal.SIGKILL)
             kills += 1
             relay = start_relay(cfg, "127.0.0.1", port, spool)
     finally:

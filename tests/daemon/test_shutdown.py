@@ -27,5 +27,7 @@ def test_sigterm_finishes_transaction_in_flight(tmp_path: Path) -> None:
     busy.line("NOOP")
     # After the transaction the busy session is closed too.
     assert busy.reply().startswith("421 4.3.2")
-    assert relay.proc.wait(timeout=20) == 0
+    idle.close()
+    busy.close()
+    assert relay.stop() == 0
     assert len(relay.queue_ids()) == 1

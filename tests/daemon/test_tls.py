@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class Raw:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def close(self) -> None:
+        self.sock.close()
+
     def upgrade(self, ctx: ssl.SSLContext) -> None:
         assert not self.buf, f"plaintext left over before TLS: {self.buf!r}"
         self.sock = ctx.wrap_socket(self.sock, server_hostname="relay.example.test")
@@ -65,7 +69,8 @@ def test_starttls_advertised_and_works(tls_relay: Relay, ca: trustme.CA) -> None
     c = Raw(tls_relay)
     c.reply()
     c.send(b"EHLO t\r\n")
-    assert "250-STARTTLS" in c.reply() or "250 STARTTLS" in c.reply()
+    assert "STARTTLS" in [line[4:] for line in c.reply().splitlines()]
+    c.close()
 
 
 def test_starttls_transaction_and_no_readvertise(tls_relay: Relay, ca: trustme.CA) -> None:
@@ -85,6 +90,7 @@ def test_starttls_transaction_and_no_readvertise(tls_relay: Relay, ca: trustme.C
     assert [c.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
     c.send(b"Subject: tls\r\n\r\nx\r\n.\r\n")
     assert c.reply().startswith("250 2.0.0 Ok: queued as")
+    c.close()
 
 
 def test_starttls_command_injection_is_discarded(tls_relay: Relay, ca: trustme.CA) -> None:
@@ -104,20 +110,33 @@ def test_starttls_command_injection_is_discarded(tls_relay: Relay, ca: trustme.C
     # And the injected EHLO did not count: state was reset, so MAIL before EHLO is out of order.
     c.send(b"MAIL FROM:<a@t.test>\r\n")
     assert c.reply().startswith("503 5.5.1")
+    c.close()
     assert f"discarded {len(injected)} bytes pipelined after STARTTLS" in tls_relay.log()
+
+
+def test_starttls_refused_inside_a_transaction(tls_relay: Relay, ca: trustme.CA) -> None:
+    c = Raw(tls_relay)
+    c.reply()
+    c.send(b"EHLO t\r\nMAIL FROM:<a@t.test>\r\nSTARTTLS\r\n")
+    assert [c.reply()[:3] for _ in range(3)] == ["250", "250", "503"]
+    c.close()
 
 
 def test_state_reset_after_tls(tls_relay: Relay, ca: trustme.CA) -> None:
     c = Raw(tls_relay)
     c.reply()
-    c.send(b"EHLO t\r\nMAIL FROM:<a@t.test>\r\n")
+    c.send(b"EHLO t\r\n")
     c.reply()
-    assert c.reply().startswith("250")
     c.send(b"STARTTLS\r\n")
     assert c.reply().startswith("220")
     c.upgrade(client_ctx(ca))
-    c.send(b"RCPT TO:<b@example.test>\r\n")
+    # The EHLO before TLS no longer counts: RFC 3207 4.2.
+    c.send(b"MAIL FROM:<a@t.test>\r\n")
     assert c.reply().startswith("503 5.5.1")
+    c.send(b"EHLO t\r\nMAIL FROM:<a@t.test>\r\n")
+    assert c.reply().startswith("250")
+    assert c.reply().startswith("250")
+    c.close()
 
 
 def test_tls_below_1_2_refused(tls_relay: Relay, ca: trustme.CA) -> None:
@@ -127,11 +146,14 @@ def test_tls_below_1_2_refused(tls_relay: Relay, ca: trustme.CA) -> None:
     c.reply()
     assert c.reply().startswith("220")
     ctx = client_ctx(ca)
-    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     with contextlib.suppress(ssl.SSLError):
         ctx.set_ciphers("ALL:@SECLEVEL=0")
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         c.upgrade(ctx)
         c.send(b"NOOP\r\n")
         c.reply()
+    c.close()

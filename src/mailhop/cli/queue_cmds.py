@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..queue.model import QueuedMessage
 from ..queue.sqlite import SqliteQueue
+from .common import config_option, read_config
 
 __all__ = ["queue"]
 
@@ -23,8 +24,6 @@ T = TypeVar("T")
 
 
 def _run(config_path: Path, action: Callable[[SqliteQueue], Awaitable[T]]) -> T:
-    from .main import read_config
-
     config = read_config(config_path)
 
     async def go() -> T:
@@ -71,19 +70,13 @@ def _as_dict(msg: QueuedMessage) -> dict[str, Any]:
     }
 
 
-def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    from .main import config_option
-
-    return config_option(f)
-
-
 @click.group()
 def queue() -> None:
     """Inspect and manage the mail queue."""
 
 
 @queue.command("list")
-@_config_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, one per line.")
 @click.option("--domain", default=None, help="Only messages with a recipient in this domain.")
 @click.option("--limit", type=int, default=None, help="At most this many messages.")
@@ -105,7 +98,7 @@ def list_cmd(config_path: Path, as_json: bool, domain: str | None, limit: int | 
 
 
 @queue.command("show")
-@_config_option
+@config_option
 @click.argument("queue_id")
 @click.option("--body", is_flag=True, help="Print the stored message (headers and body) too.")
 def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
@@ -132,7 +125,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
 
 def _simple(name: str, verb: str, help_text: str) -> None:
     @queue.command(name, help=help_text)
-    @_config_option
+    @config_option
     @click.argument("queue_ids", nargs=-1, required=True)
     def cmd(config_path: Path, queue_ids: tuple[str, ...]) -> None:
         async def action(b: SqliteQueue) -> list[bool]:
@@ -153,7 +146,7 @@ _simple("release", "release", "Release held messages back to delivery.")
 
 
 @queue.command("flush")
-@_config_option
+@config_option
 def flush_cmd(config_path: Path) -> None:
     """Make every deferred recipient due now (like postqueue -f)."""
     count = _run(config_path, lambda b: b.flush())

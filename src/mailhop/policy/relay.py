@@ -31,8 +31,8 @@ class RelayPolicy:
     """Decides, per recipient, whether this client may send to it."""
 
     def __init__(self, trusted_networks: Iterable[str], domains: Iterable[str]) -> None:
-        self._v4 = []
-        self._v6 = []
+        self._v4: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._v6: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for text in trusted_networks:
             net = ipaddress.ip_network(text, strict=True)
             (self._v4 if net.version == 4 else self._v6).append(net)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
@@ -85,21 +85,22 @@ class SmtpSession(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._in_transaction = False
         self._idle = False
+        self._upgrading: list[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername") or ("", 0)
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername") or ("", 0)
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
         if self.ctx.shutting_down:
-            transport.write(R.SHUTTING_DOWN.to_bytes())
-            transport.close()
+            self.transport.write(R.SHUTTING_DOWN.to_bytes())
+            self.transport.close()
             self._closed = True
             return
         if not self.ctx.limiter.acquire(self.client_ip):
-            transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
-            transport.close()
+            self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
+            self.transport.close()
             self._closed = True
             return
         self.trusted = self.ctx.relay.is_trusted(self.client_ip)
@@ -107,6 +108,11 @@ class SmtpSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading is not None:
+            # Decrypted bytes that arrive after the handshake but before our coroutine resumes (uvloop does
+            # this): they belong to the TLS session, so hold them until the core has been reset for it.
+            self._upgrading.append(data)
+            return
         self.conn.receive_data(data)
         self._pending_bytes += len(data)
         if self._pending_bytes > _READ_HIGH_WATER and not self._paused and self.transport is not None:
@@ -218,7 +224,7 @@ class SmtpSession(asyncio.Protocol):
                 self.helo, self.extended = event.hostname, event.extended
                 self._drop_body()
                 self._in_transaction = False
-                conn.send(conn.ehlo_reply(f"{self.ctx.settings.hostname} Hello {event.hostname}"))
+                conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
             elif isinstance(event, Reset):
                 self._drop_body()
                 self._in_transaction = False
@@ -243,6 +249,7 @@ class SmtpSession(asyncio.Protocol):
         try:
             body = self.ctx.queue.body_writer()
             tx = self.conn.transaction
+            assert tx is not None  # the core emits DataStart only inside a transaction
             rcpts = tx.recipients
             proto = ("UTF8SMTP" if tx.mail_params.smtputf8 else "ESMTP") if self.extended else "SMTP"
             if self.conn.tls_active:
@@ -297,6 +304,7 @@ class SmtpSession(asyncio.Protocol):
             log.info("mail loop client=%s received=%d", self.client_ip, headers.received_count)
             return R.MAIL_LOOP
         tx = self.conn.transaction
+        assert tx is not None
         envelope = Envelope(
             sender=tx.sender,
             mail_params=tx.mail_params,
@@ -340,19 +348,24 @@ class SmtpSession(asyncio.Protocol):
         self.conn.send(R.READY_TLS)
         self._flush()
         loop = asyncio.get_running_loop()
+        self._upgrading = []
         try:
             new_transport = await asyncio.wait_for(
                 loop.start_tls(self.transport, self, ctx, server_side=True), self.conn.wants_timeout()
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake failed client=%s: %s", self.client_ip, exc)
+            self._upgrading = None
             self._close()
             return False
+        early, self._upgrading = self._upgrading, None
         if new_transport is None:
             self._close()
             return False
-        self.transport = new_transport  # type: ignore[assignment]
+        self.transport = new_transport
         self.conn.tls_started()
+        for chunk in early:
+            self.conn.receive_data(chunk)
         if self.conn.discarded_after_starttls:
             log.warning(
                 "discarded %d bytes pipelined after STARTTLS client=%s",
