@@ -5,8 +5,9 @@ the harness works). Each run starts a fresh target (untimed), times smtp-source 
 work was really done: mailhop's queue must hold every message, Postfix's maillog must show every message queued
 and the smtp-sink it relays to must have received every one. A run that fails a check gets no figure.
 
-The comparison is asymmetric on purpose, and the output says so: mailhop does not deliver yet (accept-only),
-while Postfix relays each message to the sink while it is still accepting, on the same two cores.
+The comparison is asymmetric, and the output says so: mailhop runs accept-only (its delivery is switched off,
+and was not written when this harness was), while Postfix relays each message to the sink while it is still
+accepting, on the same two cores.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ SENDER = "a@client.test"
 RECIPIENT = "b@example.test"
 SMOKE_MESSAGES = 200
 ASYMMETRY = (
-    "mailhop does not deliver yet (accept-only: messages stay queued); Postfix relays every message to an "
-    "smtp-sink concurrently with accepting, on the same machine, so Postfix's figure includes that load."
+    "mailhop runs accept-only ([delivery] enabled = false: messages stay queued); Postfix relays every message "
+    "to an smtp-sink concurrently with accepting, on the same machine, so Postfix's figure includes that load."
 )
 
 

@@ -24,6 +24,7 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 LIST_TIMEOUT = 300.0
 READY_MARK = "ready listeners="
+STDERR_TAIL_LINES = 8
 
 
 def default_mailhop() -> str:
@@ -32,7 +33,7 @@ def default_mailhop() -> str:
 
 
 def config_toml(port: int, spool: Path) -> str:
-    """Benchmark config: one loopback listener, loopback trusted, a private spool, warnings only on stderr."""
+    """Benchmark config: one loopback listener, loopback trusted, a private spool, no delivery, warnings only."""
     return "\n".join(
         [
             'hostname = "mailhop.bench.test"',
@@ -46,6 +47,14 @@ def config_toml(port: int, spool: Path) -> str:
             "",
             "[queue]",
             f"path = {json.dumps(str(spool))}",
+            "",
+            "[delivery]",
+            "# Accept-only, and nothing leaves the machine: example.test would go to the system resolver.",
+            "enabled = false",
+            "",
+            "[dns]",
+            "# Should anything resolve anyway, it asks loopback, where nothing answers.",
+            'nameservers = ["127.0.0.1:53"]',
             "",
             "[log]",
             'level = "warning"',
@@ -106,7 +115,8 @@ class MailhopRelay:
     def _ready(self) -> bool:
         # At level "warning" the info-level ready line is suppressed, so an accepting port counts too.
         if self._proc is not None and self._proc.poll() is not None:
-            raise BenchError(f"mailhop exited {self._proc.returncode} before it was ready:\n{self.stderr()}")
+            tail = "\n".join(self.stderr().splitlines()[-STDERR_TAIL_LINES:])
+            raise BenchError(f"mailhop exited {self._proc.returncode} before it was ready:\n{tail}")
         return READY_MARK in self.stderr() or port_open(LOOPBACK, self.port)
 
     def stop(self) -> int | None:

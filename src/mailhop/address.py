@@ -29,6 +29,11 @@ _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _QUOTED_UTF8 = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"')
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _SOURCE_ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
+# The common case in one C-level match: <dot-atom@ldh.labels> with no xn-- label (those need IDNA checks).
+_FAST_PATH = re.compile(
+    rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\.)*"
+    rf"[A-Za-z0-9](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?)>"
+)
 
 
 class AddressError(ValueError):
@@ -106,6 +111,10 @@ def parse_path(text: str, *, smtputf8: bool = False, allow_null: bool = False) -
     A source route (``<@a,@b:user@c>``) is accepted and ignored, as RFC 5321 4.1.2 and C.1 require; the
     mailbox after it is what counts. ``<postmaster>`` without a domain is accepted (RFC 5321 4.5.1).
     """
+    if len(text) <= MAX_PATH:
+        fast = _FAST_PATH.fullmatch(text)
+        if fast is not None and len(fast.group(1)) <= MAX_LOCAL_PART and "xn--" not in text.lower():
+            return Mailbox(fast.group(1), fast.group(2).lower())
     if len(text.encode("utf-8")) > MAX_PATH:
         raise AddressError("path too long")
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":

@@ -14,8 +14,15 @@ import ssl
 from pathlib import Path
 
 from .config.schema import Config
+from .delivery.bounce import Notifier
+from .delivery.engine import DeliveryEngine
+from .delivery.pool import ConnectionPool
+from .delivery.smtp import SmtpTransport
+from .dns import Resolver
 from .policy.relay import RelayPolicy
+from .queue.schedule import RetryPolicy
 from .queue.sqlite import SqliteQueue
+from .routing import Router
 from .server.listener import ConnectionLimiter, Listener
 from .server.session import SessionContext
 from .smtp import Limits, ServerSettings
@@ -67,7 +74,33 @@ class Daemon:
             ssl_context=ssl_ctx,
         )
         self.listeners = [Listener(lc, self.ctx) for lc in config.listener]
+        self.router = Router(config.route)  # reads smarthost password files now: a bad one fails at start
+        self.engine: DeliveryEngine | None = None
+        self.pool: ConnectionPool | None = None
         self._stop = asyncio.Event()
+
+    def _build_engine(self) -> DeliveryEngine:
+        d = self.config.delivery
+        self.pool = ConnectionPool(idle_timeout=d.connection_idle_timeout, max_messages=d.max_messages_per_connection)
+        transport = SmtpTransport(
+            hostname=self.config.hostname,
+            pool=self.pool,
+            connect_timeout=d.connect_timeout,
+            command_timeout=d.command_timeout,
+            data_timeout=d.data_timeout,
+            max_rcpts_per_transaction=d.max_recipients_per_transaction,
+        )
+        resolver = Resolver(self.config.dns.nameservers, timeout=self.config.dns.timeout,
+                            lifetime=self.config.dns.lifetime)
+        policy = RetryPolicy(first_retry=d.first_retry, max_interval=d.max_retry_interval,
+                             lifetime=d.max_queue_lifetime, delay_warning=d.delay_warning_time)
+        endpoints = [(h, p) for ls in self.listeners for h, p in ls.sockets]
+        return DeliveryEngine(
+            self.queue, self.router, resolver, transport,
+            Notifier(hostname=self.config.hostname, postmaster=d.postmaster),
+            policy=policy, mx_port=d.mx_port, local_endpoints=endpoints, max_connections=d.max_connections,
+            max_per_destination=d.max_connections_per_destination, batch_size=d.batch_size,
+        )
 
     async def run(self) -> None:
         """Start everything, report readiness, and run until SIGTERM/SIGINT or ``request_stop``."""
@@ -78,10 +111,20 @@ class Daemon:
         try:
             for listener in self.listeners:
                 await listener.start()
+            engine_task = None
+            if self.config.delivery.enabled:
+                self.engine = self._build_engine()
+                self.ctx.on_queued = self.engine.wake
+                engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
             log.info("ready listeners=%s spool=%s", addresses, self.config.queue.path)
             await self._stop.wait()
             await self._shutdown()
+            if self.engine is not None and engine_task is not None:
+                await self.engine.stop(grace=self.config.limits.shutdown_grace)
+                await engine_task
+            if self.pool is not None:
+                await self.pool.close()
         finally:
             await self.queue.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -51,6 +51,7 @@ class Envelope:
     client_port: int = 0
     authenticated: str | None = None
     tls: bool = False
+    kind: str = ""  # "" ordinary mail; "postmaster": an undeliverable notice handed to the postmaster (never again)
 
     @property
     def sender_address(self) -> str:

@@ -41,6 +41,10 @@ __all__ = [
     "test_accept_with_null_sender_and_postmaster",
     "test_cancelled_accept_does_not_break_the_queue",
     "test_delete",
+    "test_due_and_next_due",
+    "test_record_completes_and_removes_message",
+    "test_record_enqueues_notices_atomically",
+    "test_record_on_deleted_message_does_nothing",
     "test_envelope_without_recipients_is_refused",
     "test_flush_makes_deferred_due_now",
     "test_hold_and_release",
@@ -414,3 +418,77 @@ async def test_persists_across_restart(backend: QueueBackend, reopen: Reopen) ->
     assert await read_all(backend2, small) == b"small\r\n"
     assert await read_all(backend2, big) == b"B" * (1 * MB + 7)
     assert [m.id for m in await backend2.list()] == [small, big]
+
+
+@pytest.mark.anyio
+async def test_due_and_next_due(backend: QueueBackend, clock: Any) -> None:
+    assert await backend.due() == [] and await backend.next_due() is None
+    a = await queue_message(backend)
+    clock.advance(1)
+    b = await queue_message(backend)
+    c = await queue_message(backend)
+    await backend.hold(c)
+    assert [m.id for m in await backend.due()] == [a, b]
+    assert [m.id for m in await backend.due(exclude={a})] == [b]
+    assert [m.id for m in await backend.due(limit=1)] == [a]
+    m = await backend.get(a)
+    assert m is not None
+    await backend.update_recipients(a, [mark_deferred(m.recipients[0], "451 later", clock.now + 600, now=clock.now)])
+    assert [x.id for x in await backend.due()] == [b]
+    due_at = await backend.next_due()
+    assert due_at is not None and due_at <= clock.now  # b is due now
+    mb = await backend.get(b)
+    assert mb is not None
+    await backend.record(b, [mark_delivered(mb.recipients[0], "250 ok", now=clock.now)])
+    assert await backend.next_due() == clock.now + 600  # only a's deferred recipient (c is held)
+    clock.advance(601)
+    assert [x.id for x in await backend.due()] == [a]
+
+
+@pytest.mark.anyio
+async def test_record_completes_and_removes_message(backend: QueueBackend, clock: Any) -> None:
+    qid = await queue_message(backend, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")),
+                              body=b"x" * (300 * KB))
+    m = await backend.get(qid)
+    assert m is not None
+    r0, r1 = m.recipients
+    assert await backend.record(qid, [mark_delivered(r0, "250 ok", now=clock.now),
+                                      mark_deferred(r1, "451 later", clock.now + 60, now=clock.now)]) is False
+    m = await backend.get(qid)
+    assert m is not None and [r.status for r in m.recipients] == [RcptStatus.DELIVERED, RcptStatus.DEFERRED]
+    assert await backend.record(qid, [mark_failed(m.recipients[1], "550 no", now=clock.now)]) is True
+    assert await backend.get(qid) is None
+    with pytest.raises(KeyError):
+        await backend.open_body(qid)
+
+
+@pytest.mark.anyio
+async def test_record_enqueues_notices_atomically(backend: QueueBackend, clock: Any) -> None:
+    qid = await queue_message(backend, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")))
+    m = await backend.get(qid)
+    assert m is not None
+    notice = make_envelope(None, ("alice@example.org",), params=MailParams(body="8BITMIME"))
+    done = await backend.record(qid, [mark_failed(m.recipients[0], "550 no", now=clock.now)],
+                                notices=[(notice, b"Subject: bounce\r\n\r\nsorry\r\n")], warned=True)
+    assert done is False
+    m = await backend.get(qid)
+    assert m is not None and m.warned
+    others = [x for x in await backend.list() if x.id != qid]
+    assert len(others) == 1
+    dsn = others[0]
+    assert dsn.sender == "" and [r.address for r in dsn.recipients] == ["alice@example.org"]
+    assert dsn.params.body == "8BITMIME"
+    assert await read_all(backend, dsn.id) == b"Subject: bounce\r\n\r\nsorry\r\n"
+    assert [x.id for x in await backend.due()] == [qid, dsn.id] or [x.id for x in await backend.due()] == [dsn.id, qid]
+
+
+@pytest.mark.anyio
+async def test_record_on_deleted_message_does_nothing(backend: QueueBackend, clock: Any) -> None:
+    qid = await queue_message(backend)
+    m = await backend.get(qid)
+    assert m is not None
+    await backend.delete(qid)
+    notice = make_envelope(None, ("alice@example.org",))
+    assert await backend.record(qid, [mark_failed(m.recipients[0], "550", now=clock.now)],
+                                notices=[(notice, b"x\r\n")]) is False
+    assert await backend.list() == []

@@ -44,8 +44,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return None if p is None else (p if p.is_absolute() else base / p)
 
     queue = config.queue.model_copy(update={"path": absolute(config.queue.path)})
+    routes = [r.model_copy(update={"password_file": absolute(r.password_file)}) for r in config.route]
     tls = config.tls.model_copy(update={"certificate": absolute(config.tls.certificate), "key": absolute(config.tls.key)})
-    return config.model_copy(update={"queue": queue, "tls": tls})
+    return config.model_copy(update={"queue": queue, "tls": tls, "route": routes})
 
 
 def load_config(path: str | Path) -> Config:
@@ -69,6 +70,9 @@ def load_config(path: str | Path) -> Config:
         file = getattr(config.tls, name)
         if file is not None and not file.is_file():
             problems.append(f"{path}: tls.{name}: file {file} does not exist; make one with a CA or a self-signed pair")
+    for i, route in enumerate(config.route):
+        if route.password_file is not None and not route.password_file.is_file():
+            problems.append(f"{path}: route[{i}].password_file: file {route.password_file} does not exist")
     if problems:
         raise ConfigError("\n".join(problems))
     return config

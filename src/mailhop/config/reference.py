@@ -29,6 +29,8 @@ def _default(field: FieldInfo) -> str:
         return ""
     if value is None:
         return "(unset)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
     if isinstance(value, str):
         return f'`"{value}"`'
     if isinstance(value, list):

@@ -15,7 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..address import AddressError, canonical_domain
 
-__all__ = ["Config", "LimitsConfig", "ListenerConfig", "LogConfig", "QueueConfig", "RelayConfig", "TlsConfig"]
+__all__ = [
+    "Config",
+    "DeliveryConfig",
+    "DnsConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "LogConfig",
+    "QueueConfig",
+    "RelayConfig",
+    "RouteConfig",
+    "TlsConfig",
+]
 
 
 class _Section(BaseModel):
@@ -143,6 +154,114 @@ class TlsConfig(_Section):
         return self
 
 
+class DnsConfig(_Section):
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description='Resolvers to ask, "IP" or "IP:PORT" (e.g. ["127.0.0.1:5353"]); empty means the system resolver.',
+    )
+    timeout: float = Field(5.0, gt=0, description="Seconds to wait for one DNS server to answer.")
+    lifetime: float = Field(15.0, gt=0, description="Seconds a whole lookup may take, retries included.")
+
+    @field_validator("nameservers")
+    @classmethod
+    def _check_nameservers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, sep, port = item.rpartition(":")
+            candidate = host.strip("[]") if sep and port.isdigit() and (host.startswith("[") or ":" not in host) else item
+            try:
+                ipaddress.ip_address(candidate.strip("[]"))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or IP:PORT; write e.g. \"127.0.0.1:53\"") from None
+        return value
+
+
+class DeliveryConfig(_Section):
+    enabled: bool = Field(True, description="Deliver queued mail. false keeps everything queued (a pure spool).")
+    mx_port: int = Field(25, ge=1, le=65535, description="Port for MX delivery. Change only for labs and tests.")
+    max_connections: int = Field(100, ge=1, description="Outbound connections over all destinations.")
+    max_connections_per_destination: int = Field(
+        10, ge=1, description="Outbound connections to one destination (domain or smarthost)."
+    )
+    max_recipients_per_transaction: int = Field(
+        100, ge=1, description="Recipients sent in one SMTP transaction; more go in further transactions."
+    )
+    connect_timeout: float = Field(30.0, gt=0, description="Seconds to wait for a TCP connection.")
+    command_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for a reply (RFC 5321 4.5.3.2: 5 minutes for most commands)."
+    )
+    data_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for the reply to the end of data (RFC 5321 4.5.3.2.6: 10 minutes)."
+    )
+    connection_idle_timeout: float = Field(
+        30.0, ge=0, description="Seconds an idle outbound connection is kept for reuse."
+    )
+    max_messages_per_connection: int = Field(100, ge=1, description="Messages sent over one connection.")
+    first_retry: float = Field(300.0, gt=0, description="Seconds from the first failed attempt to the first retry.")
+    max_retry_interval: float = Field(14400.0, gt=0, description="Longest wait between retries (backoff cap).")
+    max_queue_lifetime: float = Field(
+        432000.0, gt=0, description="Seconds a message may stay queued before it is bounced (RFC 5321 4.5.4.1: 4-5 days)."
+    )
+    delay_warning_time: float = Field(
+        14400.0, ge=0, description="Seconds after which a delay notice goes to the sender (NOTIFY permitting); 0: never."
+    )
+    postmaster: str = Field(
+        "postmaster",
+        description='Where undeliverable notices go (once). A bare local part gets "@" + hostname appended.',
+    )
+    batch_size: int = Field(200, ge=1, description="Messages claimed from the queue per scheduling round.")
+
+
+class RouteConfig(_Section):
+    domains: list[str] = Field(
+        description='Recipient domains this route serves: exact names, "*.suffix" for sub-domains, or "*" for all.'
+    )
+    via: str = Field(
+        "mx", description='"mx" (look up MX records), "smtp://HOST:PORT" or "smtps://HOST:PORT" (implicit TLS).'
+    )
+    tls: Literal["none", "opportunistic", "required", "verify"] = Field(
+        "opportunistic", description="STARTTLS policy: none, opportunistic, required (unverified), verify."
+    )
+    username: str | None = Field(None, description="AUTH user name for a smarthost.")
+    password_file: Path | None = Field(None, description="File holding the AUTH password (first line).")
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('list at least one domain, or "*"')
+        out = []
+        for name in value:
+            if name == "*":
+                out.append(name)
+                continue
+            wildcard = name.startswith("*.")
+            try:
+                canon = canonical_domain(name[2:] if wildcard else name)
+            except AddressError as exc:
+                raise ValueError(f"{name!r} is not a domain or *.domain ({exc.reason})") from None
+            out.append(("*." if wildcard else "") + canon)
+        return out
+
+    @field_validator("via")
+    @classmethod
+    def _check_via(cls, value: str) -> str:
+        if value == "mx":
+            return value
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("smtp", "smtps"):
+            raise ValueError(f"{value!r}: write \"mx\", \"smtp://host:port\" or \"smtps://host:port\"")
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r}: the smarthost needs a host and a port, e.g. \"smtp://relay.example:587\"")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> RouteConfig:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("set both username and password_file, or neither")
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level written to stderr.")
 
@@ -160,6 +279,12 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Size, count and time limits.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificate for STARTTLS.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    dns: DnsConfig = Field(default_factory=DnsConfig, description="DNS resolution for delivery.")
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig, description="Outbound delivery and retries.")
+    route: list[RouteConfig] = Field(
+        default_factory=list,
+        description="One [[route]] per group of recipient domains: MX delivery or a smarthost. Unmatched: MX.",
+    )
 
     @field_validator("hostname")
     @classmethod

@@ -13,7 +13,8 @@ trace, a failed admin change changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import builtins
+from collections.abc import Collection, Iterable, Sequence
 from typing import BinaryIO, Protocol
 
 from ..envelope import Envelope
@@ -83,6 +84,25 @@ class QueueBackend(Protocol):
         """Store recipient states computed with ``model.mark_*`` (matched by ``idx``); returns how many rows
         changed. A recipient already delivered or failed in storage is never changed (a final state is
         final even if two writers race). For the delivery side; ``flush`` and the tests use it too."""
+        ...
+
+    async def record(self, queue_id: str, updates: Iterable[RecipientState], *,
+                     notices: Sequence[tuple[Envelope, bytes]] = (), warned: bool = False) -> bool:
+        """Record one delivery attempt's results in ONE durable transaction: the recipient states (final ones
+        in storage never change), the notices it produced (DSNs, enqueued as new messages with inline bodies),
+        and the message's delay-warned flag. When no recipient is left pending or deferred, the message and
+        its body are removed in the same transaction. Returns True when the message was completed. A crash
+        before the commit records nothing (the attempt in flight may be repeated); after it, all of it."""
+        ...
+
+    async def due(self, *, limit: int = 100, exclude: Collection[str] = ()) -> builtins.list[QueuedMessage]:
+        """Messages not held that have a recipient pending or deferred whose next attempt is due (by the
+        backend's clock), most overdue first, at most ``limit``, skipping the ids in ``exclude`` (in flight).
+        Each message carries all its recipients; the caller picks the due ones."""
+        ...
+
+    async def next_due(self) -> float | None:
+        """The earliest next-attempt time of any open recipient of a message not held, or None."""
         ...
 
     async def open_body(self, queue_id: str) -> BinaryIO:

@@ -70,6 +70,8 @@ class QueuedMessage:
     client_port: int = 0
     authenticated: str | None = None  # the SASL identity, if the client authenticated
     tls: bool = False
+    warned: bool = False  # a delay notice (RFC 3464 action "delayed") has been sent
+    kind: str = ""  # "" ordinary mail; "postmaster": a notice that could not be returned, given to postmaster
 
     @property
     def is_done(self) -> bool:

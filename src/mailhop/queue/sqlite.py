@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -53,7 +53,8 @@ SCHEMA = (
         hold_reason TEXT NOT NULL DEFAULT '',
         client_ip   TEXT NOT NULL DEFAULT '',
         helo        TEXT NOT NULL DEFAULT '',
-        body_path   TEXT                        -- relative to the spool; NULL: the body is in bodies
+        body_path   TEXT,                       -- relative to the spool; NULL: the body is in bodies
+        warned      INTEGER NOT NULL DEFAULT 0  -- a delay notice has been sent for this message
     )""",
     "CREATE INDEX messages_held ON messages(id) WHERE held = 1",
     """CREATE TABLE bodies (
@@ -87,7 +88,10 @@ _INSERT_RECIPIENT = (
     "INSERT INTO recipients (msg_id, idx, address, domain, orcpt, notify, status, attempts, last_reply,"
     " next_attempt, updated) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, '', ?, ?)"
 )
-_MESSAGE_COLUMNS = "m.id, m.sender, m.params, m.received_at, m.size, m.held, m.hold_reason, m.client_ip, m.helo"
+_MESSAGE_COLUMNS = (
+    "m.id, m.sender, m.params, m.received_at, m.size, m.held, m.hold_reason, m.client_ip, m.helo, m.warned"
+)
+_N_MESSAGE_COLUMNS = 10
 _RECIPIENT_COLUMNS = (
     "r.msg_id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.status, r.attempts, r.last_reply,"
     " r.next_attempt, r.updated"
@@ -118,6 +122,8 @@ def _encode_params(env: Envelope) -> str:
         d["auth"] = env.authenticated
     if env.tls:
         d["tls"] = True
+    if env.kind:
+        d["kind"] = env.kind
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -130,7 +136,7 @@ def _typed(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
     return value
 
 
-def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool]:
+def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool, str]:
     """Strict: ValueError on anything we did not write."""
     if not isinstance(text, str):
         raise ValueError("params is not text")
@@ -148,7 +154,8 @@ def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool]:
         envid=_typed(d, "envid", str, None),
         requiretls=_typed(d, "requiretls", bool, False),
     )
-    return params, _typed(d, "port", int, 0), _typed(d, "auth", str, None), _typed(d, "tls", bool, False)
+    return (params, _typed(d, "port", int, 0), _typed(d, "auth", str, None), _typed(d, "tls", bool, False),
+            _typed(d, "kind", str, ""))
 
 
 def _decode_recipient(row: tuple[Any, ...]) -> RecipientState:
@@ -169,12 +176,12 @@ def _decode_recipient(row: tuple[Any, ...]) -> RecipientState:
 def _decode_message(row: tuple[Any, ...], rcpt_rows: Iterable[tuple[Any, ...]]) -> tuple[QueuedMessage, list[str]]:
     """Best effort: a message is always returned (defaults for what cannot be decoded) with the problems."""
     problems: list[str] = []
-    qid, sender, params_text, received_at, size, held, hold_reason, client_ip, helo = row
+    qid, sender, params_text, received_at, size, held, hold_reason, client_ip, helo, warned = row
     try:
-        params, port, auth, tls = _decode_params(params_text)
+        params, port, auth, tls, kind = _decode_params(params_text)
     except ValueError as exc:
         problems.append(str(exc))
-        params, port, auth, tls = MailParams(), 0, None, False
+        params, port, auth, tls, kind = MailParams(), 0, None, False, ""
     recipients = []
     for r in rcpt_rows:
         try:
@@ -195,6 +202,7 @@ def _decode_message(row: tuple[Any, ...], rcpt_rows: Iterable[tuple[Any, ...]]) 
         hold_reason=hold_reason if isinstance(hold_reason, str) else "",
         client_ip=client_ip if isinstance(client_ip, str) else "", helo=helo if isinstance(helo, str) else "",
         recipients=tuple(recipients), client_port=port, authenticated=auth, tls=tls,
+        warned=bool(warned), kind=kind,
     )
     return message, problems
 
@@ -384,8 +392,8 @@ class SqliteQueue:
 
     def _check_message(self, row: tuple[Any, ...], rcpt_rows: list[tuple[Any, ...]]) -> str:
         try:
-            message, problems = _decode_message(row[:9], rcpt_rows)
-            body_path, has_inline = row[9], row[10]
+            message, problems = _decode_message(row[:_N_MESSAGE_COLUMNS], rcpt_rows)
+            body_path, has_inline = row[_N_MESSAGE_COLUMNS], row[_N_MESSAGE_COLUMNS + 1]
             qid = message.id
             if body_path is None:
                 if not has_inline:
@@ -543,6 +551,102 @@ class SqliteQueue:
             return changed, None
 
         return await self._write(op)
+
+    async def record(self, queue_id: str, updates: Iterable[RecipientState], *,
+                     notices: Sequence[tuple[Envelope, bytes]] = (), warned: bool = False) -> bool:
+        now = self._clock()
+        rows = [(r.status.value, r.attempts, r.last_reply, r.next_attempt, r.updated, queue_id, r.idx)
+                for r in updates]
+        notice_rows = []
+        for env, data in notices:
+            nid = new_queue_id()
+            notice_rows.append((
+                (nid, env.sender_address, _encode_params(env), now, len(data), env.client_ip, env.helo, None),
+                (nid, data),
+                [(nid, i, str(r.mailbox), r.mailbox.domain, r.params.orcpt, ",".join(r.params.notify), now, now)
+                 for i, r in enumerate(env.recipients)],
+            ))
+
+        def op(conn: sqlite3.Connection) -> tuple[bool, Callable[[], None] | None]:
+            exists = conn.execute("SELECT body_path FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            if exists is None:
+                return False, None  # deleted by an operator meanwhile: nothing to record, no notices
+            conn.executemany(
+                "UPDATE recipients SET status = ?, attempts = ?, last_reply = ?, next_attempt = ?, updated = ?"
+                " WHERE msg_id = ? AND idx = ? AND status NOT IN ('delivered', 'failed')", rows)
+            if warned:
+                conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (queue_id,))
+            for message_row, body_row, recipient_rows in notice_rows:
+                conn.execute(_INSERT_MESSAGE, message_row)
+                conn.execute(_INSERT_BODY, body_row)
+                conn.executemany(_INSERT_RECIPIENT, recipient_rows)
+            crash_point("during_record")
+            open_rcpts = conn.execute(
+                "SELECT count(*) FROM recipients WHERE msg_id = ? AND status IN ('pending', 'deferred')",
+                (queue_id,)).fetchone()[0]
+            if open_rcpts:
+                return False, None
+            conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+            conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+            if exists[0] is None or not is_queue_id(queue_id):
+                return True, None
+            path = self.spool.body_path(queue_id)
+            return True, lambda: Spool.remove(path)
+
+        return await self._write(op)
+
+    async def due(self, *, limit: int = 100, exclude: Collection[str] = ()) -> list[QueuedMessage]:
+        now = self._clock()
+        want = limit + len(exclude)
+
+        def read(conn: sqlite3.Connection) -> list[QueuedMessage]:
+            # One ordered index walk per status (recipients_due), each stopping after `want` rows: cheap even
+            # with a million deferred recipients, unlike one IN (...) query that must sort every match.
+            found: list[tuple[float, str]] = []
+            for status in ("pending", "deferred"):
+                found += conn.execute(
+                    "SELECT r.next_attempt, r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                    " WHERE r.status = ? AND r.next_attempt <= ? AND m.held = 0"
+                    " ORDER BY r.next_attempt LIMIT ?", (status, now, want * 4)).fetchall()
+            found.sort()
+            ids: list[str] = []
+            for _, qid in found:
+                if qid not in exclude and qid not in ids:
+                    ids.append(qid)
+                    if len(ids) >= limit:
+                        break
+            return self._load(conn, ids)
+
+        return await self._read(read)
+
+    async def next_due(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            times = [
+                row[0]
+                for status in ("pending", "deferred")
+                for row in conn.execute(
+                    "SELECT r.next_attempt FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                    " WHERE r.status = ? AND m.held = 0 ORDER BY r.next_attempt LIMIT 1", (status,))
+            ]
+            return min(times) if times else None
+
+        return await self._read(read)
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
+        out = []
+        for qid in ids:
+            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (qid,)).fetchone()
+            if row is None:
+                continue
+            rcpts = conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id = ? ORDER BY r.idx", (qid,)
+            ).fetchall()
+            message, problems = _decode_message(row, rcpts)
+            if not problems:
+                out.append(message)
+        return out
 
     # --- reads -----------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -60,6 +61,7 @@ class SessionContext:
     ssl_context: ssl.SSLContext | None = None
     sessions: set[SmtpSession] = field(default_factory=set)
     shutting_down: bool = False
+    on_queued: Callable[[], None] | None = None  # a wake-up hint for the delivery engine
 
 
 class SmtpSession(asyncio.Protocol):
@@ -322,6 +324,8 @@ class SmtpSession(asyncio.Protocol):
         except QueueError as exc:
             log.error("queue error client=%s: %s", self.client_ip, exc.detail)
             return R.LOCAL_ERROR
+        if self.ctx.on_queued is not None:
+            self.ctx.on_queued()
         log.info(
             "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
             queue_id,

@@ -1,0 +1,299 @@
+"""The delivery engine: claims due recipients, groups them by destination, runs one attempt per group through a
+transport, and records every outcome (plus the notices it causes) in one queue transaction per message.
+
+The queue side decides everything about time: a deferred recipient's next attempt comes from the retry
+schedule; a deferred recipient past the queue lifetime fails as expired (4.4.7); a delay notice goes out once.
+Wake-ups: ``wake()`` (called when a message is queued) makes the scheduler look at once; a timer set to the
+next due time backs it up, so a lost wake-up only costs latency, never mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..dns import DnsPermanentError, DnsTemporaryError, Resolver
+from ..envelope import Envelope
+from ..queue.backend import QueueBackend
+from ..queue.faults import crash_point
+from ..queue.model import (
+    QueuedMessage,
+    RcptStatus,
+    RecipientState,
+    mark_deferred,
+    mark_delivered,
+    mark_failed,
+)
+from ..queue.schedule import RetryPolicy, next_attempt_time, should_warn
+from ..reply import Reply
+from ..routing.router import Route, Router
+from .bounce import NoticeItem, Notifier
+from .mx import MxFailure, plan_mx
+from .throttle import Throttle
+from .transport import Candidate, Destination, Outcome, OutcomeKind, Transport
+
+__all__ = ["DeliveryEngine"]
+
+log = logging.getLogger("mailhop.delivery")
+_OPEN = (RcptStatus.PENDING, RcptStatus.DEFERRED)
+_IDLE_WAIT = 60.0  # longest sleep between looks at the queue when nothing is known to be due
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    key: str
+    route: Route
+    domain: str
+    recipients: tuple[RecipientState, ...]
+
+
+class DeliveryEngine:
+    """Runs until ``stop()``; one instance per queue."""
+
+    def __init__(
+        self,
+        queue: QueueBackend,
+        router: Router,
+        resolver: Resolver,
+        transport: Transport,
+        notifier: Notifier,
+        *,
+        policy: RetryPolicy | None = None,
+        mx_port: int = 25,
+        local_endpoints: Collection[tuple[str, int]] = (),
+        max_connections: int = 100,
+        max_per_destination: int = 10,
+        batch_size: int = 200,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.queue = queue
+        self.router = router
+        self.resolver = resolver
+        self.transport = transport
+        self.notifier = notifier
+        self.policy = policy or RetryPolicy()
+        self.mx_port = mx_port
+        self.local_endpoints = tuple(local_endpoints)
+        self.throttle = Throttle(max_connections, max_per_destination)
+        self.batch_size = batch_size
+        self.max_inflight = max(batch_size, max_connections * 2)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.attempts = 0  # counters for tests and metrics
+        self.recorded = 0
+
+    def wake(self) -> None:
+        """A hint that new mail is queued (or something changed): look at the queue now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Schedule deliveries until ``stop()``."""
+        while not self._stopping:
+            self._wake.clear()
+            room = self.max_inflight - len(self._inflight)
+            messages: list[QueuedMessage] = []
+            if room > 0:
+                try:
+                    messages = await self.queue.due(limit=min(room, self.batch_size), exclude=set(self._inflight))
+                except Exception:
+                    log.exception("delivery: cannot read the queue")
+            for message in messages:
+                task = asyncio.get_running_loop().create_task(self._process(message))
+                self._inflight[message.id] = task
+                task.add_done_callback(functools.partial(self._done, message.id))
+            if messages and len(messages) >= min(room, self.batch_size):
+                await asyncio.sleep(0)  # more may be due: look again after letting the new tasks start
+                continue
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        timeout = _IDLE_WAIT
+        try:
+            next_due = await self.queue.next_due()
+        except Exception:
+            next_due = None
+        if next_due is not None:
+            # A due message already in flight shows up here too; its task's completion wakes us.
+            timeout = min(max(next_due - self.clock(), 0.0), _IDLE_WAIT)
+            if timeout == 0.0:
+                # Due but not handed out (in flight, or unreadable): completion of a task wakes us.
+                timeout = _IDLE_WAIT if self._inflight else 1.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _done(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(queue_id, None)
+        self._wake.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop scheduling; let attempts in flight finish within ``grace``, then cancel them (nothing recorded:
+        they are simply tried again after the restart)."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    # -- one message ------------------------------------------------------------------------------------------------
+    async def _process(self, message: QueuedMessage) -> None:
+        try:
+            await self._deliver_message(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly; it stays queued", message.id)
+
+    async def _deliver_message(self, message: QueuedMessage) -> None:
+        now = self.clock()
+        due = [r for r in message.recipients if r.status in _OPEN and r.next_attempt <= now]
+        if not due:
+            return
+        groups = self._group(due)
+        results = await asyncio.gather(*(self._attempt(message, g) for g in groups))
+        outcomes = [o for group_outcomes in results for o in group_outcomes]
+        self.attempts += 1
+        crash_point("after_delivery_before_record")
+        await self._record(message, due, outcomes)
+
+    def _group(self, recipients: Sequence[RecipientState]) -> list[_Group]:
+        buckets: dict[tuple[str, str], list[RecipientState]] = defaultdict(list)
+        routes: dict[tuple[str, str], Route] = {}
+        for rcpt in recipients:
+            route = self.router.route(rcpt.domain)
+            key = (f"mx:{rcpt.domain}", rcpt.domain) if route.is_mx else (route.key, "")
+            buckets[key].append(rcpt)
+            routes[key] = route
+        return [_Group(k[0], routes[k], k[1], tuple(v)) for k, v in buckets.items()]
+
+    async def _attempt(self, message: QueuedMessage, group: _Group) -> list[Outcome]:
+        destination = await self._destination(group)
+        if isinstance(destination, Reply):
+            kind = OutcomeKind.FAILED if destination.is_permanent else OutcomeKind.DEFERRED
+            return [Outcome(r.idx, kind, destination) for r in group.recipients]
+
+        async def open_body() -> BinaryIO:
+            return await self.queue.open_body(message.id)
+
+        async with self.throttle.slot(destination.key):
+            try:
+                outcomes = await self.transport.deliver(destination, message, group.recipients, open_body)
+            except Exception as exc:
+                log.exception("transport error delivering %s to %s", message.id, destination.key)
+                reply = Reply(451, "4.3.0", f"Local error in delivery: {type(exc).__name__}")
+                return [Outcome(r.idx, OutcomeKind.DEFERRED, reply) for r in group.recipients]
+        given = {r.idx for r in group.recipients}
+        got = {o.idx for o in outcomes}
+        if got != given:  # a transport bug must not lose or invent recipients
+            log.error("transport returned outcomes for %s, expected %s", sorted(got), sorted(given))
+            reply = Reply(451, "4.3.0", "Local error in delivery")
+            outcomes = [o for o in outcomes if o.idx in given] + [
+                Outcome(i, OutcomeKind.DEFERRED, reply) for i in given - got
+            ]
+        return outcomes
+
+    async def _destination(self, group: _Group) -> Destination | Reply:
+        route = group.route
+        if route.is_mx:
+            plan = await plan_mx(self.resolver, group.domain, port=self.mx_port,
+                                 local_endpoints=self.local_endpoints, rng=self.rng)
+            if isinstance(plan, MxFailure):
+                return plan.reply
+            candidates = tuple(Candidate(h.name, a, self.mx_port) for h in plan.hosts for a in h.addresses)
+            return Destination(group.key, candidates, tls=route.tls)
+        assert route.host is not None
+        try:
+            addresses = [route.host] if _is_ip(route.host) else await self.resolver.addresses(route.host)
+        except DnsPermanentError:
+            return Reply(451, "4.4.4", f"Smarthost {route.host} does not resolve")
+        except DnsTemporaryError:
+            return Reply(451, "4.4.3", f"Temporary DNS failure resolving smarthost {route.host}")
+        if not addresses:
+            return Reply(451, "4.4.4", f"Smarthost {route.host} has no address")
+        candidates = tuple(Candidate(route.host, a, route.port) for a in addresses)
+        return Destination(group.key, candidates, tls=route.tls, implicit_tls=route.implicit_tls,
+                           username=route.username, password=route.password)
+
+    # -- outcomes -> states and notices ---------------------------------------------------------------------------
+    async def _record(self, message: QueuedMessage, due: Sequence[RecipientState], outcomes: Sequence[Outcome]) -> None:
+        now = self.clock()
+        by_idx = {o.idx: o for o in outcomes}
+        updates: list[RecipientState] = []
+        failed: list[NoticeItem] = []
+        relayed: list[NoticeItem] = []
+        deferred: list[tuple[RecipientState, Outcome]] = []
+        for rcpt in due:
+            outcome = by_idx[rcpt.idx]
+            text = str(outcome.reply)
+            if outcome.kind is OutcomeKind.DELIVERED:
+                updates.append(mark_delivered(rcpt, text, now=now))
+                log.info("delivered id=%s to=<%s> relay=%s reply=%s", message.id, rcpt.address,
+                         outcome.remote_host or "-", text)
+                if "SUCCESS" in rcpt.notify and not outcome.dsn_passed_on:
+                    relayed.append(NoticeItem(rcpt, "relayed", outcome.reply.enhanced or "2.0.0", text,
+                                              outcome.remote_host))
+            elif outcome.kind is OutcomeKind.FAILED:
+                updates.append(mark_failed(rcpt, text, now=now))
+                log.info("failed id=%s to=<%s> reply=%s", message.id, rcpt.address, text)
+                failed.append(NoticeItem(rcpt, "failed", outcome.reply.enhanced or "5.0.0", text, outcome.remote_host))
+            else:
+                when = next_attempt_time(self.policy, attempts=rcpt.attempts + 1, received_at=message.received_at,
+                                         now=now, rng=self.rng)
+                if when is None:
+                    expired = Reply(outcome.reply.code if outcome.reply.code >= 400 else 451, "4.4.7",
+                                    f"Message expired after {self.policy.lifetime / 86400:g} days; last: {text}")
+                    updates.append(mark_failed(rcpt, str(expired), now=now))
+                    log.info("expired id=%s to=<%s> last=%s", message.id, rcpt.address, text)
+                    failed.append(NoticeItem(rcpt, "failed", "4.4.7", text, outcome.remote_host))
+                else:
+                    state = mark_deferred(rcpt, text, when, now=now)
+                    updates.append(state)
+                    deferred.append((state, outcome))
+                    log.info("deferred id=%s to=<%s> reply=%s next=%.0fs", message.id, rcpt.address, text, when - now)
+        warn = bool(deferred) and should_warn(self.policy, received_at=message.received_at, now=now,
+                                              already_warned=message.warned)
+        delayed = [
+            NoticeItem(state, "delayed", o.reply.enhanced or "4.0.0", str(o.reply), o.remote_host,
+                       will_retry_until=message.received_at + self.policy.lifetime)
+            for state, o in deferred
+        ] if warn else []
+        notices: list[tuple[Envelope, bytes]] = []
+        for items in (failed, delayed, relayed):
+            if items:
+                notices += await self._build_notices(message, items, now)
+        await self.queue.record(message.id, updates, notices=notices, warned=warn)
+        self.recorded += 1
+
+    async def _build_notices(
+        self, message: QueuedMessage, items: list[NoticeItem], now: float
+    ) -> list[tuple[Envelope, bytes]]:
+        original = await self.queue.open_body(message.id)
+        try:
+            # Reading and encoding a large original takes a while: keep it off the event loop.
+            return await asyncio.to_thread(self.notifier.build, message, items, original, now=now)
+        finally:
+            original.close()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
