@@ -225,3 +225,13 @@ async def test_auth_never_in_plaintext_unless_tls_none(server_tls: ssl.SSLContex
         [o] = (await deliver(transport(), destination(r, tls=TlsPolicy.NONE, username="u", password="p"),
                              message())).values()
         assert o.kind is DELIVERED and r.sessions[1].verbs()[1] == "AUTH"
+
+
+def test_client_contexts() -> None:
+    from mailhop.delivery.tls import make_client_context
+
+    loose = make_client_context(False)
+    assert loose.verify_mode is ssl.CERT_NONE and not loose.check_hostname
+    strict = make_client_context(True)
+    assert strict.verify_mode is ssl.CERT_REQUIRED and strict.check_hostname
+    assert loose.minimum_version is strict.minimum_version is ssl.TLSVersion.TLSv1_2

@@ -369,3 +369,29 @@ async def test_open_body_called_with_fresh_file_each_transaction() -> None:
         await transport(max_rcpts_per_transaction=2).deliver(destination(r), msg, msg.recipients, open_body)
         txs = await r.wait_for_async(2)
     assert len(opened) == 2 and all(f.closed for f in opened) and all(tx.data == BODY for tx in txs)
+
+
+async def test_pool_idle_timeout_zero_disables_reuse() -> None:
+    pool = ConnectionPool(idle_timeout=0)
+    t = transport(pool=pool)
+    try:
+        async with Receiver(HOST, 0) as r:
+            for _ in range(2):
+                await deliver(t, destination(r), message())
+            assert r.connections == 2 and pool.idle_count() == 0
+    finally:
+        await pool.close()
+
+
+async def test_pool_keeps_at_most_max_idle_per_key() -> None:
+    pool = ConnectionPool(max_idle_per_key=2)
+    t = transport(pool=pool)
+    try:
+        async with Receiver(HOST, 0) as r:
+            await asyncio.gather(*(deliver(t, destination(r), message()) for _ in range(4)))
+            assert r.connections == 4 and pool.idle_count() == 2
+            await pool.close()
+            r.wait_for_connections(4, closed=True)
+        assert all(s.verbs()[-1] == "QUIT" for s in r.sessions)
+    finally:
+        await pool.close()

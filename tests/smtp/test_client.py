@@ -72,7 +72,9 @@ def test_huge_line_refused_after_about_2k_not_buffered() -> None:
     # ... and a complete long line in one piece, too.
     with pytest.raises(ReplyError):
         ReplyParser().feed(b"250 " + b"x" * 1024 * 1024 + b"\r\n")
-    assert ReplyParser().feed(b"250 " + b"x" * 2044 + b"\r\n")[0].code == 250
+    assert ReplyParser().feed(b"250 " + b"x" * 2044 + b"\r\n")[0].code == 250  # 2048 octets: the limit
+    with pytest.raises(ReplyError):
+        ReplyParser().feed(b"250 " + b"x" * 2045 + b"\r\n")
 
 
 def test_too_many_lines() -> None:

@@ -223,7 +223,8 @@ class SmtpConnection:
                 ssl_handshake_timeout=within,
             )
         except BaseException:
-            # A failed start_tls closes the socket without telling our protocol: record it ourselves.
+            # The socket is closed under the TLS layer; mark our side closed now rather than rely on
+            # the news travelling back up through it.
             p.fail(ConnectionLost("TLS handshake failed"))
             p.connection_lost(None)
             raise
@@ -265,6 +266,7 @@ class ConnectionPool:
     A connection is released only in the "ready for MAIL" state. It is QUIT when it has been idle
     ``idle_timeout`` seconds (a timer reaps it; ``acquire`` and ``close_idle`` check too), after
     ``max_messages`` messages, or when ``max_idle_per_key`` idle connections to its key exist already.
+    ``idle_timeout=0`` disables reuse.
     """
 
     def __init__(
@@ -305,7 +307,7 @@ class ConnectionPool:
         """Give back a connection in the ready-for-MAIL state; QUITs it if it is not worth keeping."""
         stack = self._idle.setdefault(conn.key, [])
         if (self._closed or not conn.usable or conn.transactions >= self.max_messages
-                or len(stack) >= self.max_idle_per_key):
+                or len(stack) >= self.max_idle_per_key or self.idle_timeout <= 0):
             if not stack:
                 del self._idle[conn.key]
             await conn.quit(self.quit_timeout)

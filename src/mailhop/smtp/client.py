@@ -63,8 +63,8 @@ class CommandError(ValueError):
 class ReplyParser:
     """Turns server bytes into ``Reply`` objects, one complete (possibly multi-line) reply at a time.
 
-    The buffer never holds more than one line's worth of unterminated input (``max_line`` octets) plus
-    the lines of the reply being assembled (at most ``max_lines``). Lines end in LF; a CR before it is
+    Between calls it holds at most one unterminated line (``max_line`` octets) plus the lines of the
+    reply being assembled (at most ``max_lines``); a longer line is refused as soon as it is seen. Lines end in LF; a CR before it is
     dropped (servers that send bare LF are common and harmless here).
     """
 
