@@ -123,7 +123,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
         sys.stdout.buffer.write(data)
 
 
-def _simple(name: str, verb: str, help_text: str) -> None:
+def _simple(name: str, verb: str, done: str, help_text: str) -> None:
     @queue.command(name, help=help_text)
     @config_option
     @click.argument("queue_ids", nargs=-1, required=True)
@@ -135,14 +135,14 @@ def _simple(name: str, verb: str, help_text: str) -> None:
         results = _run(config_path, action)
         failed = 0
         for qid, ok in zip(queue_ids, results, strict=True):
-            click.echo(f"{qid}: {name + 'd' if name.endswith('e') else name + 'ed'}" if ok else f"{qid}: not found")
+            click.echo(f"{qid}: {done}" if ok else f"{qid}: not found")
             failed += not ok
         sys.exit(1 if failed else 0)
 
 
-_simple("delete", "delete", "Delete messages from the queue (no bounce is sent).")
-_simple("hold", "hold", "Hold messages: they stay queued but are not delivered until released.")
-_simple("release", "release", "Release held messages back to delivery.")
+_simple("delete", "delete", "deleted", "Delete messages from the queue (no bounce is sent).")
+_simple("hold", "hold", "held", "Hold messages: they stay queued but are not delivered until released.")
+_simple("release", "release", "released", "Release held messages back to delivery.")
 
 
 @queue.command("flush")
