@@ -8,9 +8,10 @@ import pytest
 from .harness import Relay, run_relay
 
 
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    """A relay that trusts loopback (so the test client may relay anywhere), small limits to exercise them."""
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    """A relay that trusts loopback (so the test client may relay anywhere), small limits to exercise them.
+    Every test using it runs on both event loops."""
     extra = """
     [limits]
     max_recipients = 100
@@ -18,7 +19,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     max_errors = 5
     max_connections_per_ip = 200
     """
-    with run_relay(tmp_path_factory.mktemp("relay"), extra=extra) as r:
+    with run_relay(tmp_path_factory.mktemp("relay"), extra=extra, loop=request.param) as r:
         yield r
 
 

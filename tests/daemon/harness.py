@@ -97,11 +97,11 @@ def write_config(tmp: Path, port: int, extra: str = "", host: str = "127.0.0.1",
 @contextmanager
 def run_relay(tmp: Path, *, extra: str = "", host: str = "127.0.0.1", trusted: str = '["127.0.0.0/8", "::1/128"]',
               domains: str = '["example.test"]', env: dict[str, str] | None = None,
-              expect_exit: int | None = 0) -> Iterator[Relay]:
+              expect_exit: int | None = 0, loop: str = "auto") -> Iterator[Relay]:
     """Start ``mailhop serve``, wait for its readiness line (never a sleep), yield it, SIGTERM it on exit."""
     port = free_port(host)
     cfg = write_config(tmp, port, extra, host=host, domains=domains, trusted=trusted)
-    relay = start_relay(cfg, host, port, tmp / "spool", env=env)
+    relay = start_relay(cfg, host, port, tmp / "spool", env=env, loop=loop)
     try:
         yield relay
     finally:
@@ -111,9 +111,9 @@ def run_relay(tmp: Path, *, extra: str = "", host: str = "127.0.0.1", trusted: s
 
 
 def start_relay(cfg: Path, host: str, port: int, spool: Path, env: dict[str, str] | None = None,
-                timeout: float = 20) -> Relay:
+                timeout: float = 20, loop: str = "auto") -> Relay:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailhop.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "mailhop.cli", "serve", "--config", str(cfg), "--loop", loop],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -20,13 +20,15 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture(scope="module")
-def tls_relay(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[Relay]:
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def tls_relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              ca: trustme.CA) -> Iterator[Relay]:
+    """STARTTLS on both event loops: they hand decrypted bytes to the protocol at different moments."""
     tmp: Path = tmp_path_factory.mktemp("tls")
     cert = ca.issue_cert("relay.example.test")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "cert.pem"))
     cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
-    with run_relay(tmp, extra='[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n') as r:
+    with run_relay(tmp, extra='[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n', loop=request.param) as r:
         yield r
 
 
