@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
-from pathlib import Path
 
-from .config.schema import Config
+from .config.schema import Config, ListenerConfig
 from .delivery.bounce import Notifier
 from .delivery.engine import DeliveryEngine
 from .delivery.pool import ConnectionPool
@@ -24,21 +22,13 @@ from .queue.schedule import RetryPolicy
 from .queue.sqlite import SqliteQueue
 from .routing import Router
 from .server.listener import ConnectionLimiter, Listener
-from .server.session import SessionContext
+from .server.session import ServerState, SessionContext
+from .server.tls import TlsContexts
 from .smtp import Limits, ServerSettings
 
-__all__ = ["Daemon", "make_ssl_context"]
+__all__ = ["Daemon"]
 
 log = logging.getLogger("mailhop.daemon")
-
-
-def make_ssl_context(certificate: Path, key: Path) -> ssl.SSLContext:
-    """Server-side TLS context: TLS 1.2 minimum, no compression, server cipher preference."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.load_cert_chain(str(certificate), str(key))
-    return ctx
 
 
 class Daemon:
@@ -49,35 +39,45 @@ class Daemon:
         lim = config.limits
         self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
         self.relay = RelayPolicy(config.relay.trusted_networks, config.relay.domains)
-        ssl_ctx = None
-        if config.tls.certificate is not None and config.tls.key is not None:
-            ssl_ctx = make_ssl_context(config.tls.certificate, config.tls.key)
-        settings = ServerSettings(
-            hostname=config.hostname,
-            limits=Limits(
-                max_command_line=lim.max_command_line,
-                max_text_line=lim.max_text_line,
-                max_recipients=lim.max_recipients,
-                max_message_size=lim.max_message_size,
-                max_errors=lim.max_errors,
-                command_timeout=lim.command_timeout,
-                data_timeout=lim.data_timeout,
-            ),
-            tls_available=ssl_ctx is not None,
+        self.tls = TlsContexts()
+        self.state = ServerState(limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip))
+        limits = Limits(
+            max_command_line=lim.max_command_line,
+            max_text_line=lim.max_text_line,
+            max_recipients=lim.max_recipients,
+            max_message_size=lim.max_message_size,
+            max_errors=lim.max_errors,
+            command_timeout=lim.command_timeout,
+            data_timeout=lim.data_timeout,
         )
-        self.ctx = SessionContext(
-            settings=settings,
-            relay=self.relay,
-            queue=self.queue,
-            limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip),
-            max_received_headers=lim.max_received_headers,
-            ssl_context=ssl_ctx,
-        )
-        self.listeners = [Listener(lc, self.ctx) for lc in config.listener]
+        self.listeners = [self._listener(lc, limits) for lc in config.listener]
         self.router = Router(config.route)  # reads smarthost password files now: a bad one fails at start
         self.engine: DeliveryEngine | None = None
         self.pool: ConnectionPool | None = None
         self._stop = asyncio.Event()
+
+    def _listener(self, lc: ListenerConfig, limits: Limits) -> Listener:
+        cert = lc.certificate or self.config.tls.certificate
+        key = lc.key or self.config.tls.key
+        ssl_ctx = self.tls.get(cert, key, lc.tls_min_version) if cert is not None and key is not None else None
+        implicit = lc.role == "submissions"
+        settings = ServerSettings(
+            hostname=self.config.hostname,
+            limits=limits,
+            tls_available=ssl_ctx is not None and not implicit,
+            tls_active=implicit,
+        )
+        ctx = SessionContext(
+            settings=settings,
+            relay=self.relay,
+            queue=self.queue,
+            state=self.state,
+            max_received_headers=self.config.limits.max_received_headers,
+            ssl_context=None if implicit else ssl_ctx,
+            role=lc.role,
+        )
+        return Listener(lc, ctx, implicit_tls=ssl_ctx if implicit else None,
+                        handshake_timeout=self.config.limits.command_timeout)
 
     def _build_engine(self) -> DeliveryEngine:
         d = self.config.delivery
@@ -107,14 +107,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.tls.reload)
         await self.queue.start(recover=True)
+        watcher = None
+        if self.config.tls.reload_interval > 0:
+            watcher = loop.create_task(self._watch_certificates(self.config.tls.reload_interval))
         try:
             for listener in self.listeners:
                 await listener.start()
             engine_task = None
             if self.config.delivery.enabled:
                 self.engine = self._build_engine()
-                self.ctx.on_queued = self.engine.wake
+                self.state.on_queued = self.engine.wake
                 engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
             log.info("ready listeners=%s spool=%s", addresses, self.config.queue.path)
@@ -126,26 +130,34 @@ class Daemon:
             if self.pool is not None:
                 await self.pool.close()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await self.queue.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("stopped")
+
+    async def _watch_certificates(self, interval: float) -> None:
+        """Certificates renewed on disk (certbot, ACME clients) take effect without a restart or a signal."""
+        while True:
+            await asyncio.sleep(interval)
+            self.tls.reload(only_changed=True)
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def _shutdown(self) -> None:
-        log.info("shutting down sessions=%d", len(self.ctx.sessions))
-        self.ctx.shutting_down = True
+        log.info("shutting down sessions=%d", len(self.state.sessions))
+        self.state.shutting_down = True
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()
-        for session in list(self.ctx.sessions):
+        for session in list(self.state.sessions):
             session.shutdown()
-        tasks = [s.task for s in self.ctx.sessions if s.task is not None]
+        tasks = [s.task for s in self.state.sessions if s.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.config.limits.shutdown_grace)
-            for session in list(self.ctx.sessions):
+            for session in list(self.state.sessions):
                 session.abort()
             if pending:
                 log.warning("aborted sessions=%d after grace period", len(pending))

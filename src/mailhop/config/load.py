@@ -45,8 +45,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     queue = config.queue.model_copy(update={"path": absolute(config.queue.path)})
     routes = [r.model_copy(update={"password_file": absolute(r.password_file)}) for r in config.route]
+    listeners = [
+        lc.model_copy(update={"certificate": absolute(lc.certificate), "key": absolute(lc.key)})
+        for lc in config.listener
+    ]
     tls = config.tls.model_copy(update={"certificate": absolute(config.tls.certificate), "key": absolute(config.tls.key)})
-    return config.model_copy(update={"queue": queue, "tls": tls, "route": routes})
+    return config.model_copy(update={"queue": queue, "tls": tls, "route": routes, "listener": listeners})
 
 
 def load_config(path: str | Path) -> Config:
@@ -70,6 +74,11 @@ def load_config(path: str | Path) -> Config:
         file = getattr(config.tls, name)
         if file is not None and not file.is_file():
             problems.append(f"{path}: tls.{name}: file {file} does not exist; make one with a CA or a self-signed pair")
+    for i, lc in enumerate(config.listener):
+        for name in ("certificate", "key"):
+            file = getattr(lc, name)
+            if file is not None and not file.is_file():
+                problems.append(f"{path}: listener[{i}].{name}: file {file} does not exist")
     for i, route in enumerate(config.route):
         if route.password_file is not None and not route.password_file.is_file():
             problems.append(f"{path}: route[{i}].password_file: file {route.password_file} does not exist")

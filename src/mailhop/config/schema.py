@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..address import AddressError, canonical_domain
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "DeliveryConfig",
     "DnsConfig",
@@ -54,8 +55,23 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 class ListenerConfig(_Section):
     address: str = Field(description='Address and port to listen on, "HOST:PORT" or "[V6]:PORT".')
-    role: Literal["mx"] = Field(
-        "mx", description='What the listener is for: "mx" accepts mail for served domains and from trusted networks.'
+    role: Literal["mx", "submission", "submissions"] = Field(
+        "mx",
+        description='"mx": mail for served domains and from trusted networks; "submission" (587): STARTTLS, then '
+        'AUTH, then relay; "submissions" (465): the same with TLS from the first byte (RFC 8314).',
+    )
+    certificate: Path | None = Field(None, description="PEM certificate for this listener; default: [tls] certificate.")
+    key: Path | None = Field(None, description="PEM key for this listener; default: [tls] key.")
+    tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted.")
+    require_auth: bool | None = Field(
+        None, description="MAIL needs AUTH first (530 5.7.0). Default: true for submission roles, false for mx."
+    )
+    auth: bool | None = Field(
+        None, description="Offer AUTH (after TLS). Default: true for submission roles, false for mx."
+    )
+    allow_plaintext_auth: bool = Field(
+        False,
+        description="Accept AUTH without TLS. Only for a loopback address (e.g. local apps); refused elsewhere.",
     )
 
     @field_validator("address")
@@ -63,6 +79,24 @@ class ListenerConfig(_Section):
     def _check_address(cls, value: str) -> str:
         parse_hostport(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_listener(self) -> ListenerConfig:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("set both certificate and key on the listener, or neither")
+        if self.allow_plaintext_auth and not ipaddress.ip_address(
+            self.host_port[0] if self.host_port[0] != "localhost" else "127.0.0.1"
+        ).is_loopback:
+            raise ValueError("allow_plaintext_auth is only allowed on a loopback address")
+        return self
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.auth if self.auth is not None else self.role != "mx"
+
+    @property
+    def requires_auth(self) -> bool:
+        return self.require_auth if self.require_auth is not None else self.role != "mx"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -146,12 +180,44 @@ class LimitsConfig(_Section):
 class TlsConfig(_Section):
     certificate: Path | None = Field(None, description="PEM certificate chain; STARTTLS is offered when set.")
     key: Path | None = Field(None, description="PEM private key for the certificate.")
+    reload_interval: float = Field(
+        10.0, ge=0, description="Seconds between checks for changed certificate files (0: only on SIGHUP)."
+    )
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> TlsConfig:
         if (self.certificate is None) != (self.key is None):
             raise ValueError("set both tls.certificate and tls.key, or neither")
         return self
+
+
+Mechanism = Literal["SCRAM-SHA-256", "PLAIN", "LOGIN"]
+
+
+def _default_mechanisms() -> list[Mechanism]:
+    return ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
+
+
+class AuthConfig(_Section):
+    mechanisms: list[Mechanism] = Field(
+        default_factory=_default_mechanisms, description="SASL mechanisms offered, in order."
+    )
+    failure_delay: float = Field(1.0, ge=0, le=30, description="Seconds before answering a failed AUTH (535).")
+    max_failures: int = Field(
+        5, ge=1, description="Failed AUTH attempts per client address or user name within failure_window "
+        "before 421 4.7.0 and disconnect."
+    )
+    failure_window: float = Field(300.0, gt=0, description="Seconds over which AUTH failures are counted.")
+    penalty: float = Field(900.0, ge=0, description="Seconds a client address or user stays locked out.")
+    enforce_sender: bool = Field(
+        True, description="An authenticated user's MAIL FROM must be one of its addresses (553 5.7.1)."
+    )
+    enforce_from_header: bool = Field(
+        False, description="The From: header's address must be one of the user's addresses too (553 5.7.1)."
+    )
+    received_shows_user: bool = Field(
+        False, description="Name the authenticated user in the Received: header (off: privacy by default)."
+    )
 
 
 class DnsConfig(_Section):
@@ -278,6 +344,7 @@ class Config(_Section):
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Durable queue storage.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Size, count and time limits.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificate for STARTTLS.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="SMTP AUTH on submission listeners.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     dns: DnsConfig = Field(default_factory=DnsConfig, description="DNS resolution for delivery.")
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig, description="Outbound delivery and retries.")
@@ -306,3 +373,14 @@ class Config(_Section):
                 raise ValueError(f"listener address {item.address} appears twice")
             seen.add(item.host_port)
         return value
+
+    @model_validator(mode="after")
+    def _tls_for_submission(self) -> Config:
+        for i, lc in enumerate(self.listener):
+            has_cert = lc.certificate is not None or self.tls.certificate is not None
+            if lc.role != "mx" and not has_cert:
+                raise ValueError(
+                    f"listener[{i}] ({lc.role}) needs a certificate: set [tls] certificate/key or the listener's "
+                    "own; `mailhop tls self-signed --hostname H --out DIR` makes a pair for a first run"
+                )
+        return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 
@@ -46,9 +47,12 @@ class ConnectionLimiter:
 class Listener:
     """One bound address serving one role."""
 
-    def __init__(self, config: ListenerConfig, ctx: SessionContext) -> None:
+    def __init__(self, config: ListenerConfig, ctx: SessionContext, implicit_tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float = 60.0) -> None:
         self.config = config
         self.ctx = ctx
+        self.implicit_tls = implicit_tls
+        self.handshake_timeout = handshake_timeout
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -56,9 +60,16 @@ class Listener:
         loop = asyncio.get_running_loop()
         factory: Callable[[], asyncio.Protocol] = lambda: SmtpSession(self.ctx)  # noqa: E731
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.server = await loop.create_server(
-            factory, host, port, family=family, reuse_address=True, backlog=1024, start_serving=True
-        )
+        if self.implicit_tls is not None:
+            # RFC 8314 implicit TLS: the handshake comes before any SMTP; a plaintext client gets no reply.
+            self.server = await loop.create_server(
+                factory, host, port, family=family, reuse_address=True, backlog=1024, start_serving=True,
+                ssl=self.implicit_tls, ssl_handshake_timeout=self.handshake_timeout,
+            )
+        else:
+            self.server = await loop.create_server(
+                factory, host, port, family=family, reuse_address=True, backlog=1024, start_serving=True
+            )
         log.info("listening address=%s role=%s", self.config.address, self.config.role)
 
     @property

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..queue.spool import BodyWriter
     from .listener import ConnectionLimiter
 
-__all__ = ["SessionContext", "SmtpSession"]
+__all__ = ["ServerState", "SessionContext", "SmtpSession"]
 
 log = logging.getLogger("mailhop.smtp")
 
@@ -50,18 +50,26 @@ _READ_HIGH_WATER = 256 * 1024
 
 
 @dataclass
+class ServerState:
+    """What all listeners share: open sessions, connection caps, the shutdown flag, the delivery wake-up."""
+
+    limiter: ConnectionLimiter
+    sessions: set[SmtpSession] = field(default_factory=set)
+    shutting_down: bool = False
+    on_queued: Callable[[], None] | None = None  # a wake-up hint for the delivery engine
+
+
+@dataclass
 class SessionContext:
-    """Everything a session needs from the daemon, shared by all sessions of a listener."""
+    """Everything a session needs from the daemon, shared by all sessions of one listener."""
 
     settings: ServerSettings
     relay: RelayPolicy
     queue: QueueBackend
-    limiter: ConnectionLimiter
+    state: ServerState
     max_received_headers: int = 50
-    ssl_context: ssl.SSLContext | None = None
-    sessions: set[SmtpSession] = field(default_factory=set)
-    shutting_down: bool = False
-    on_queued: Callable[[], None] | None = None  # a wake-up hint for the delivery engine
+    ssl_context: ssl.SSLContext | None = None  # for STARTTLS (None: not offered)
+    role: str = "mx"
 
 
 class SmtpSession(asyncio.Protocol):
@@ -95,18 +103,18 @@ class SmtpSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername") or ("", 0)
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
-        if self.ctx.shutting_down:
+        if self.ctx.state.shutting_down:
             self.transport.write(R.SHUTTING_DOWN.to_bytes())
             self.transport.close()
             self._closed = True
             return
-        if not self.ctx.limiter.acquire(self.client_ip):
+        if not self.ctx.state.limiter.acquire(self.client_ip):
             self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
             self.transport.close()
             self._closed = True
             return
         self.trusted = self.ctx.relay.is_trusted(self.client_ip)
-        self.ctx.sessions.add(self)
+        self.ctx.state.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
@@ -198,7 +206,7 @@ class SmtpSession(asyncio.Protocol):
                 self._flush()
                 if self._closed:
                     return
-                if self.ctx.shutting_down and not self._in_transaction:
+                if self.ctx.state.shutting_down and not self._in_transaction:
                     self._write_raw(R.SHUTTING_DOWN.to_bytes())
                     return
                 if not await self._wait_for_input():
@@ -324,8 +332,8 @@ class SmtpSession(asyncio.Protocol):
         except QueueError as exc:
             log.error("queue error client=%s: %s", self.client_ip, exc.detail)
             return R.LOCAL_ERROR
-        if self.ctx.on_queued is not None:
-            self.ctx.on_queued()
+        if self.ctx.state.on_queued is not None:
+            self.ctx.state.on_queued()
         log.info(
             "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
             queue_id,
@@ -395,9 +403,9 @@ class SmtpSession(asyncio.Protocol):
     def _cleanup(self) -> None:
         self._drop_body()
         self._close()
-        if self in self.ctx.sessions:
-            self.ctx.sessions.discard(self)
-            self.ctx.limiter.release(self.client_ip)
+        if self in self.ctx.state.sessions:
+            self.ctx.state.sessions.discard(self)
+            self.ctx.state.limiter.release(self.client_ip)
 
     @property
     def idle(self) -> bool:
