@@ -9,6 +9,8 @@ import click
 
 from .common import config_option, read_config
 from .queue_cmds import queue
+from .tls_cmds import tls
+from .users_cmds import users
 
 __all__ = ["main"]
 
@@ -73,4 +75,21 @@ def config_reference() -> None:
     click.echo(render_reference(), nl=False)
 
 
+@main.command(
+    "sendmail",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sendmail_cmd(args: tuple[str, ...]) -> None:
+    """sendmail-compatible submission: [-t] [-i|-oi] [-f sender] [-F name] [-C config] [recipients...]."""
+    import sys
+
+    from .sendmail import run
+
+    sys.exit(run(list(args), sys.stdin.buffer, config_path=None))
+
+
 main.add_command(queue)
+main.add_command(users)
+main.add_command(tls)

@@ -16,13 +16,15 @@ _RECEIVED = re.compile(rb"(?:^|\r?\n)received[ \t]*:", re.IGNORECASE)
 
 
 class HeaderScanner:
-    """Counts Received: headers in the header block of a message fed in chunks."""
+    """Counts Received: headers in the header block of a message fed in chunks, and keeps the block (bounded)
+    so policy can read a field such as From:."""
 
     def __init__(self, max_header_bytes: int = 1024 * 1024) -> None:
         self._buf = bytearray()
         self._max = max_header_bytes
         self.done = False
         self.received_count = 0
+        self.block = b""
 
     def feed(self, chunk: bytes) -> None:
         if self.done:
@@ -33,17 +35,28 @@ class HeaderScanner:
         if self._buf.startswith(b"\r\n"):
             end = 0
         if end >= 0 or len(self._buf) >= self._max:
-            block = bytes(self._buf[: end if end >= 0 else self._max])
-            self.received_count = len(_RECEIVED.findall(block))
+            self.block = bytes(self._buf[: end if end >= 0 else self._max])
+            self.received_count = len(_RECEIVED.findall(self.block))
             self.done = True
             self._buf = bytearray()
 
     def finish(self) -> None:
         """The message ended; a message without a blank line is all header."""
         if not self.done:
-            self.received_count = len(_RECEIVED.findall(bytes(self._buf)))
+            self.block = bytes(self._buf)
+            self.received_count = len(_RECEIVED.findall(self.block))
             self.done = True
             self._buf = bytearray()
+
+    def field(self, name: str) -> list[str]:
+        """Every value of header field ``name`` (unfolded, decoded leniently), in order."""
+        out = []
+        pattern = re.compile(rb"(?:^|\r?\n)" + re.escape(name.encode()) + rb"[ \t]*:(.*?)(?=\r?\n[^ \t]|\Z)",
+                             re.IGNORECASE | re.DOTALL)
+        for m in pattern.finditer(self.block):
+            value = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip()
+            out.append(value.decode("utf-8", "replace"))
+        return out
 
 
 def received_header(

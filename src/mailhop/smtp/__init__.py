@@ -7,6 +7,9 @@ from .commands import Bdat, CommandParser, Data, Forbidden, Help, Noop, Rset, Vr
 from .data import BdatDecoder, ContentScanner, DataDecoder
 from .events import (
     NEED_DATA,
+    AuthAborted,
+    AuthResponse,
+    AuthStart,
     BdatChunkEnd,
     ConnectionClosed,
     DataChunk,
@@ -24,15 +27,39 @@ from .events import (
 )
 from .limits import Limits
 from .params import decode_xtext
+from .sasl import (
+    MECHANISMS,
+    AuthReply,
+    Challenge,
+    CheckPassword,
+    Failure,
+    NeedScramCredentials,
+    SaslMechanism,
+    ScramCredentials,
+    Step,
+    Success,
+    challenge_reply,
+    derive_scram_credentials,
+    make_mechanism,
+    step_reply,
+    verify_scram_password,
+)
 from .server import ServerConnection
 from .settings import ServerSettings
 from .state import State
 
 __all__ = [
+    "MECHANISMS",
     "NEED_DATA",
+    "AuthAborted",
+    "AuthReply",
+    "AuthResponse",
+    "AuthStart",
     "Bdat",
     "BdatChunkEnd",
     "BdatDecoder",
+    "Challenge",
+    "CheckPassword",
     "CommandParser",
     "ConnectionClosed",
     "ContentScanner",
@@ -43,21 +70,32 @@ __all__ = [
     "DataStart",
     "Ehlo",
     "Event",
+    "Failure",
     "Forbidden",
     "Help",
     "Limits",
     "Mail",
     "NeedData",
+    "NeedScramCredentials",
     "Noop",
     "Quit",
     "Rcpt",
     "Reset",
     "Rset",
+    "SaslMechanism",
+    "ScramCredentials",
     "ServerConnection",
     "ServerSettings",
     "StartTls",
     "State",
+    "Step",
+    "Success",
     "Transaction",
     "Vrfy",
+    "challenge_reply",
     "decode_xtext",
+    "derive_scram_credentials",
+    "make_mechanism",
+    "step_reply",
+    "verify_scram_password",
 ]

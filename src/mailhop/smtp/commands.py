@@ -6,6 +6,7 @@ bounded by the framing in server.py. Parsing never raises: any byte string yield
 
 from __future__ import annotations
 
+import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from ..address import AddressError, Mailbox, parse_path
 from ..envelope import Recipient
 from ..reply import R, Reply
-from .events import Ehlo, Mail, Quit, Rcpt, StartTls
+from .events import AuthStart, Ehlo, Mail, Quit, Rcpt, StartTls
 from .limits import Limits
 from .params import parse_mail_params, parse_rcpt_params
+from .sasl import AuthReply
 
 __all__ = [
     "FORBIDDEN_VERBS",
@@ -71,11 +73,12 @@ class Forbidden:
     verb: str
 
 
-Command = Ehlo | Mail | Rcpt | Data | Bdat | Rset | Noop | Quit | Vrfy | Help | StartTls | Forbidden
+Command = Ehlo | Mail | Rcpt | Data | Bdat | Rset | Noop | Quit | Vrfy | Help | StartTls | AuthStart | Forbidden
 
 # Postfix's smtpd_forbidden_commands precedent, plus PUT/HEAD (HTTP) and USER (POP3).
 FORBIDDEN_VERBS = frozenset((b"GET", b"POST", b"CONNECT", b"PUT", b"HEAD", b"USER"))
-# Recognised so the client learns "not here" (502) rather than "not SMTP" (500). AUTH comes later.
+# Recognised so the client learns "not here" (502) rather than "not SMTP" (500). AUTH is parsed instead
+# when the listener offers mechanisms.
 _UNIMPLEMENTED = frozenset((b"TURN", b"ETRN", b"EXPN", b"SEND", b"SOML", b"SAML", b"AUTH"))
 
 # Commands without fields are immutable singletons: no allocation per command.
@@ -91,6 +94,8 @@ _STARTTLS = StartTls()
 # disjoint characters, so matching is linear.
 _PATH = re.compile(rb'<(?:[^<>"\\]|\\.|"(?:[^"\\]|\\.)*")*>', re.S)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# RFC 4422 3.1 / RFC 4954 4: sasl-mech = 1*20(UPPER-ALPHA / DIGIT / "-" / "_"); clients may use any case.
+_SASL_MECH = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 # Parsed paths, shared by all connections: parse_path is a pure function and by far the costliest step
 # of MAIL and RCPT, and relays see the same senders and recipients again and again. Values are immutable
@@ -136,7 +141,7 @@ class CommandParser:
 
     __slots__ = ("_dispatch", "_dsn", "_max_digits", "_max_size", "_smtputf8")
 
-    def __init__(self, limits: Limits, *, dsn: bool = True, smtputf8: bool = True) -> None:
+    def __init__(self, limits: Limits, *, dsn: bool = True, smtputf8: bool = True, auth: bool = False) -> None:
         self._max_size = limits.max_message_size
         self._max_digits = limits.max_bdat_digits
         self._dsn = dsn
@@ -155,6 +160,8 @@ class CommandParser:
             b"HELP": self._help,
             b"STARTTLS": self._starttls,
         }
+        if auth:
+            self._dispatch[b"AUTH"] = self._auth
 
     def parse(self, line: bytes, smtputf8_tx: bool = False) -> Command | Reply:
         """Parse ``line`` (no CRLF). ``smtputf8_tx``: the current MAIL FROM carried SMTPUTF8."""
@@ -268,6 +275,24 @@ class CommandParser:
     def _starttls(args: bytes, _utf8: bool) -> Command | Reply:
         # RFC 3207 4: "501 Syntax error (no parameters allowed)".
         return R.BAD_ARGS if args.strip(b" ") else _STARTTLS
+
+    @staticmethod
+    def _auth(args: bytes, _utf8: bool) -> Command | Reply:
+        """AUTH mechanism [initial-response] (RFC 4954 4); "=" is an empty initial response."""
+        words = args.split()
+        if not 1 <= len(words) <= 2 or _SASL_MECH.fullmatch(words[0]) is None:
+            return R.BAD_ARGS
+        mechanism = words[0].upper().decode("ascii")
+        if len(words) == 1:
+            return AuthStart(mechanism, None)
+        if words[1] == b"=":
+            return AuthStart(mechanism, b"")
+        try:
+            # C-level and strict: no whitespace, no junk after padding, padding required.
+            initial = binascii.a2b_base64(words[1], strict_mode=True)
+        except binascii.Error:
+            return AuthReply.BAD_BASE64
+        return AuthStart(mechanism, initial)
 
     @staticmethod
     def _noop(args: bytes, _utf8: bool) -> Command | Reply:

@@ -6,7 +6,7 @@ parameters) and raw message content; the parsers guarantee syntax, never truthfu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from ..address import Mailbox
@@ -15,6 +15,9 @@ from ..reply import Reply
 
 __all__ = [
     "NEED_DATA",
+    "AuthAborted",
+    "AuthResponse",
+    "AuthStart",
     "BdatChunkEnd",
     "ConnectionClosed",
     "DataChunk",
@@ -63,6 +66,35 @@ class StartTls:
 @dataclass(frozen=True, slots=True)
 class Quit:
     """QUIT; reply R.BYE. The connection is then closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStart:
+    """AUTH <mechanism> [initial-response] (RFC 4954), already checked against the settings, the command
+    order and TLS. ``initial`` is the decoded initial response (``b""`` for "="), None when absent.
+
+    Reply 334 (``sasl.challenge_reply``) to continue the exchange, 235 on success, or 4xx/5xx to end it.
+    ``initial`` may hold a password, so it is left out of the repr.
+    """
+
+    mechanism: str
+    initial: bytes | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """The client's decoded answer to our 334 challenge; reply like AuthStart. Not in the repr: secrets."""
+
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted:
+    """The core ended a running AUTH exchange itself and sent the reply (``reason``: "cancelled" for the
+    client's "*", "bad base64", "line too long", "bare newline"). Drop the mechanism. No reply.
+    """
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,4 +167,5 @@ NEED_DATA: Final = NeedData()
 
 Event = (
     Ehlo | Mail | Rcpt | StartTls | Quit | DataStart | DataChunk | BdatChunkEnd | DataEnd | Reset | ConnectionClosed
+    | AuthStart | AuthResponse | AuthAborted
 )

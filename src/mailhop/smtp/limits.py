@@ -33,6 +33,11 @@ class Limits:
     #: sets no chunk size limit beyond the message size, but parsing an unbounded digit string is itself
     #: a denial-of-service (int() is quadratic on huge inputs), so longer numbers are refused.
     max_bdat_digits: int = 20
+    #: Longest line of an AUTH exchange (the client's SASL response), CRLF included. RFC 4954 4: a server
+    #: MUST accept 12288 octets there, since SASL responses outgrow a command line. Longer lines are read
+    #: to their end (never buffered), answered 500 5.5.6 and end the exchange. The core uses the larger of
+    #: this and max_command_line.
+    max_auth_line: int = 12288
     #: Seconds to wait for a command (RFC 5321 4.5.3.2.7: server timeout, at least 5 minutes).
     command_timeout: float = 300.0
     #: Seconds to wait for each read of message content (RFC 5321 4.5.3.2.5: data block, 3 minutes).
@@ -46,6 +51,8 @@ class Limits:
             raise ValueError("max_text_line must be at least 3")
         if self.max_recipients < 1 or self.max_errors < 1 or self.max_message_size < 1:
             raise ValueError("max_recipients, max_errors and max_message_size must be positive")
+        if self.max_auth_line < 16:
+            raise ValueError("max_auth_line must be at least 16")
         if not 1 <= self.max_bdat_digits <= 20:
             raise ValueError("max_bdat_digits must be between 1 and 20")
         if self.command_timeout <= 0 or self.data_timeout <= 0:

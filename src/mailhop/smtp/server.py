@@ -5,9 +5,16 @@ chunks from the client, in any split and any amount. The core frames and bounds 
 never buffer beyond the limit, content is scanned in C), answers what it can alone, and hands the
 session one event at a time; ``next_event`` refuses to run ahead while an event awaits its reply, which
 keeps replies in command order and makes pipelining (RFC 2920) safe.
+
+AUTH (RFC 4954): the core checks order, mechanism and encryption, decodes base64 and frames the
+exchange; the session runs the SASL mechanism (sasl.py) and answers each AuthStart/AuthResponse with
+334 (continue: the next line is a response, bounded by max_auth_line), 235 (success) or an error.
+Credentials are never checked here.
 """
 
 from __future__ import annotations
+
+import binascii
 
 from ..address import Mailbox
 from ..envelope import Recipient
@@ -16,6 +23,9 @@ from .commands import Bdat, CommandParser, Data, Forbidden, Help, Noop, Rset, Vr
 from .data import BdatDecoder, DataDecoder, take
 from .events import (
     NEED_DATA,
+    AuthAborted,
+    AuthResponse,
+    AuthStart,
     BdatChunkEnd,
     ConnectionClosed,
     DataChunk,
@@ -32,8 +42,9 @@ from .events import (
     Transaction,
 )
 from .params import NO_MAIL_PARAMS
+from .sasl import AuthReply
 from .settings import ServerSettings
-from .state import SEQUENCE, State
+from .state import AUTH_SEQUENCE, SEQUENCE, State
 
 __all__ = ["ServerConnection"]
 
@@ -49,6 +60,7 @@ _BDAT_ACTIVE = State.BDAT_ACTIVE
 _BDAT_FAILED = State.BDAT_FAILED
 _TLS_PENDING = State.TLS_PENDING
 _REJECTING = State.REJECTING
+_AUTH_RESPONSE = State.AUTH_RESPONSE
 _CLOSED = State.CLOSED
 
 _RESET = Reset()
@@ -58,7 +70,19 @@ _BDAT_START = DataStart(True)
 
 # Wire bytes of the catalogue replies, keyed by identity: they live as long as the process, so an id
 # can never be reused by another object, and the lookup avoids hashing a dataclass per reply.
-_CATALOGUE_WIRE = {id(r): r.to_bytes() for r in vars(R).values() if isinstance(r, Reply)}
+_CATALOGUE_WIRE = {
+    id(r): r.to_bytes() for r in (*vars(R).values(), *vars(AuthReply).values()) if isinstance(r, Reply)
+}
+
+
+def _check_auth_reply(reply: Reply) -> None:
+    """A step of an AUTH exchange is answered 334 (bare base64 text), 235 or an error (RFC 4954 4, 6)."""
+    code = reply.code
+    if code == 334:
+        if reply.enhanced or reply.extra:
+            raise ValueError("a 334 carries only the base64 challenge: use sasl.challenge_reply()")
+    elif code != 235 and code < 400:
+        raise ValueError(f"answer an AUTH step with 334, 235 or a 4xx/5xx, not {code}")
 
 
 def _wire(reply: Reply) -> bytes:
@@ -70,17 +94,20 @@ class ServerConnection:
     """One SMTP server dialogue without I/O. See the module docstring for the calling pattern."""
 
     __slots__ = (
-        "_bdat", "_chunk_last", "_chunk_refusal", "_chunk_remaining", "_chunk_return", "_chunk_size", "_closed",
-        "_data", "_eof", "_errors", "_has_mail", "_in", "_limits", "_mail_params", "_out", "_parser", "_pending",
-        "_pos", "_recipients", "_sender", "_skipping", "_state", "_tls_active", "discarded_after_starttls",
-        "helo", "settings",
+        "_auth_aborted", "_auth_limit", "_authenticated", "_bdat", "_chunk_last", "_chunk_refusal",
+        "_chunk_remaining", "_chunk_return", "_chunk_size", "_closed", "_data", "_eof", "_errors", "_extended",
+        "_has_mail", "_in", "_limits", "_mail_params", "_out", "_parser", "_pending", "_pos", "_recipients",
+        "_sender", "_skipping", "_state", "_tls_active", "discarded_after_starttls", "helo", "settings",
     )
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._limits = settings.limits
         self._parser = CommandParser(
-            settings.limits, dsn=settings.advertise_dsn, smtputf8=settings.advertise_smtputf8
+            settings.limits,
+            dsn=settings.advertise_dsn,
+            smtputf8=settings.advertise_smtputf8,
+            auth=bool(settings.auth_mechanisms),
         )
         self._in = bytearray()
         self._pos = 0  # consumed prefix of _in; compacted once per receive_data, not per command
@@ -96,6 +123,10 @@ class ServerConnection:
         self.discarded_after_starttls = 0
         #: The name from the last accepted EHLO/HELO, None before one.
         self.helo: str | None = None
+        self._extended = False  # the accepted greeting was EHLO (AUTH needs it)
+        self._authenticated = False
+        self._auth_limit = max(settings.limits.max_auth_line, settings.limits.max_command_line)
+        self._auth_aborted: AuthAborted | None = None  # set when line framing ended an exchange
         self._has_mail = False
         self._sender: Mailbox | None = None
         self._mail_params = NO_MAIL_PARAMS
@@ -117,6 +148,11 @@ class ServerConnection:
     @property
     def tls_active(self) -> bool:
         return self._tls_active
+
+    @property
+    def authenticated(self) -> bool:
+        """True after the session answered an AUTH exchange with 235, until STARTTLS (RFC 3207 4.2)."""
+        return self._authenticated
 
     @property
     def in_transaction(self) -> bool:
@@ -182,6 +218,9 @@ class ServerConnection:
             ext.append("DSN")
         if s.advertise_chunking:
             ext.append("CHUNKING")
+        if s.auth_mechanisms and (self._tls_active or s.auth_plaintext_ok):
+            # RFC 4954 4 / common practice: offer AUTH only where the credentials cannot be sniffed.
+            ext.append("AUTH " + " ".join(s.auth_mechanisms))
         if s.tls_available and not self._tls_active:
             ext.append("STARTTLS")
         return Reply(250, "", first, tuple(ext))
@@ -207,6 +246,8 @@ class ServerConnection:
             raise RuntimeError("tls_started() without an accepted STARTTLS")
         self._tls_active = True
         self.helo = None
+        self._extended = False
+        self._authenticated = False  # RFC 3207 4.2: forget everything learned before TLS
         self._skipping = False
         self._clear_transaction()
         self._state = _NEED_HELO
@@ -231,6 +272,8 @@ class ServerConnection:
             raise RuntimeError("send() but no event awaits a reply")
         if isinstance(event, DataStart) and reply.code < 400:
             raise ValueError("accept a DataStart with accept_data(), refuse it with a 4xx/5xx")
+        if isinstance(event, (AuthStart, AuthResponse)):
+            _check_auth_reply(reply)
         self._pending = None
         ok = 200 <= reply.code < 300
         if isinstance(event, Mail):
@@ -259,6 +302,7 @@ class ServerConnection:
         elif isinstance(event, Ehlo):
             if ok:
                 self.helo = event.hostname
+                self._extended = event.extended
                 self._state = _READY
         elif isinstance(event, StartTls):
             if ok:
@@ -270,6 +314,13 @@ class ServerConnection:
             self._write(reply)
             self._close("quit")
             return
+        elif isinstance(event, (AuthStart, AuthResponse)):
+            if reply.code == 334:
+                self._state = _AUTH_RESPONSE  # the next line is the client's response
+            else:
+                self._state = _READY  # 235 or an error (counted by _write) ends the exchange
+                if reply.code == 235:
+                    self._authenticated = True
         self._write(reply)
 
     def next_event(self) -> Event | NeedData:
@@ -299,7 +350,13 @@ class ServerConnection:
                 if line is None:
                     if self._state is _CLOSED:
                         continue
+                    aborted = self._auth_aborted
+                    if aborted is not None:
+                        self._auth_aborted = None
+                        return aborted
                     return self._close("peer closed the connection") if self._eof else NEED_DATA
+                if self._state is _AUTH_RESPONSE:
+                    return self._auth_response(line)
                 event = self._command(line)
                 if event is not None:
                     return event
@@ -310,12 +367,14 @@ class ServerConnection:
         """The next complete command line without its CRLF; None when more input is needed.
 
         Framing errors are answered here: an overlong line is skipped to its LF and answered once,
-        a line with a bare CR or LF is dropped and answered, so the dialogue stays in step.
+        a line with a bare CR or LF is dropped and answered, so the dialogue stays in step. In an AUTH
+        exchange the line may be up to max_auth_line long, and a framing error also ends the exchange
+        (returning None with ``_auth_aborted`` set).
         """
         buf = self._in
-        limit = self._limits.max_command_line
         while self._state is not _CLOSED:
             pos = self._pos
+            auth = self._state is _AUTH_RESPONSE
             if self._skipping:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
@@ -324,8 +383,12 @@ class ServerConnection:
                     return None
                 self._pos = nl + 1
                 self._skipping = False
+                if auth:
+                    self._auth_aborted = self._abort_auth(AuthReply.LINE_TOO_LONG, "line too long")
+                    return None
                 self._write(R.LINE_TOO_LONG)
                 continue
+            limit = self._auth_limit if auth else self._limits.max_command_line
             nl = buf.find(b"\n", pos, pos + limit)
             if nl < 0:
                 if len(buf) - pos >= limit:
@@ -333,11 +396,12 @@ class ServerConnection:
                     continue
                 return None
             self._pos = nl + 1
-            if nl == pos or buf[nl - 1] != 0x0D:
-                self._write(R.BARE_NEWLINE_CMD)  # LF without CR
-                continue
-            line = take(buf, pos, nl - 1)
-            if b"\r" in line:
+            # LF without CR, or a CR inside the line.
+            line = None if nl == pos or buf[nl - 1] != 0x0D else take(buf, pos, nl - 1)
+            if line is None or b"\r" in line:
+                if auth:
+                    self._auth_aborted = self._abort_auth(R.BARE_NEWLINE_CMD, "bare newline")
+                    return None
                 self._write(R.BARE_NEWLINE_CMD)
                 continue
             return line
@@ -363,6 +427,8 @@ class ServerConnection:
         error = SEQUENCE[state].get(kind, R.BAD_SEQUENCE)
         if isinstance(cmd, Bdat):
             return self._bdat_command(cmd, error)
+        if isinstance(cmd, AuthStart):
+            return self._auth_command(cmd)
         if error is not None:
             self._write(error)
             return None
@@ -418,6 +484,47 @@ class ServerConnection:
         self._bdat.start_chunk(cmd.size)
         self._state = _IN_BDAT_CHUNK
         return None
+
+    def _auth_command(self, cmd: AuthStart) -> Event | None:
+        """AUTH: the order (state.py), then RFC 4954 4's rules, mechanism (504) and encryption (538)."""
+        s = self.settings
+        error = AUTH_SEQUENCE.get(self._state, R.BAD_SEQUENCE)
+        if error is None:
+            if not self._extended:
+                error = AuthReply.NEED_EHLO  # after HELO: AUTH is an ESMTP extension
+            elif self._authenticated:
+                error = AuthReply.ALREADY_AUTHENTICATED
+            elif cmd.mechanism not in s.auth_mechanisms:
+                error = AuthReply.UNKNOWN_MECHANISM
+            elif not (self._tls_active or s.auth_plaintext_ok):
+                error = AuthReply.ENCRYPTION_REQUIRED
+        if error is not None:
+            self._write(error)
+            return None
+        self._pending = cmd
+        return cmd
+
+    def _auth_response(self, line: bytes) -> Event:
+        """One client line of a running exchange (RFC 4954 4): "*" cancels, else base64 ("=" is empty)."""
+        line = line.rstrip(b" \t")
+        if line == b"*":
+            return self._abort_auth(AuthReply.CANCELLED, "cancelled")
+        if line == b"=":  # only defined for the initial response; our own client sends it here too
+            data = b""
+        else:
+            try:
+                data = binascii.a2b_base64(line, strict_mode=True)
+            except binascii.Error:
+                return self._abort_auth(AuthReply.BAD_BASE64, "bad base64")
+        event = AuthResponse(data)
+        self._pending = event
+        return event
+
+    def _abort_auth(self, reply: Reply, reason: str) -> AuthAborted:
+        """End the exchange from the core's side: back to READY, then the (counted) error reply."""
+        self._state = _READY
+        self._write(reply)
+        return AuthAborted(reason)
 
     def _refuse_chunk(self, reply: Reply, back: State, size: int) -> None:
         self._chunk_refusal = reply

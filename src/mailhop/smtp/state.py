@@ -14,6 +14,14 @@ Reasoning behind the table:
 - RFC 3207: STARTTLS comes after EHLO and outside a transaction; bytes sent after it before the
   handshake are discarded (server.py), and after the handshake everything restarts at NEED_HELO.
 - RFC 5321 3.1: after a 554 greeting (REJECTING) the server answers everything but QUIT with 503.
+- RFC 4954 4: AUTH follows EHLO (it is an ESMTP extension: after HELO, or before any greeting, 503), is
+  "not permitted during a mail transaction" (503), and after a successful AUTH "MUST NOT" be repeated
+  (503); the last two rules depend on the connection, not the state, so server.py checks them on top of
+  the AUTH row below. Only when these pass does the mechanism (504) and encryption (538) matter.
+  After our 334 the next line is the client's SASL response, not a command (AUTH_RESPONSE, not a command
+  state); a 235 or any 4xx/5xx to a step ends the exchange back in READY. The AUTH row is kept apart from
+  SEQUENCE because it is offered only when mechanisms are configured (else AUTH is a 502 like TURN).
+- RFC 3207 4.2 and RFC 4954 4: STARTTLS discards everything learned before it, AUTH included.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from enum import Enum
 
 from ..reply import R, Reply
 from .commands import Bdat, Data, Help, Noop, Rset, Vrfy
-from .events import Ehlo, Mail, Quit, Rcpt, StartTls
+from .events import AuthStart, Ehlo, Mail, Quit, Rcpt, StartTls
+from .sasl import AuthReply
 
-__all__ = ["COMMAND_STATES", "SEQUENCE", "State", "sequence_error"]
+__all__ = ["AUTH_SEQUENCE", "COMMAND_STATES", "SEQUENCE", "State", "sequence_error"]
 
 
 class State(Enum):
@@ -39,6 +48,7 @@ class State(Enum):
     BDAT_FAILED = "bdat_failed"  # between chunks of a refused BDAT message: further chunks get 503
     TLS_PENDING = "tls_pending"  # 220 sent to STARTTLS; input is discarded until the handshake is done
     REJECTING = "rejecting"  # 554 greeting sent: only QUIT is allowed
+    AUTH_RESPONSE = "auth_response"  # 334 sent: the next line is the client's SASL response
     CLOSED = "closed"
 
     # Members are singletons compared by identity; the default Enum hash runs Python code on every
@@ -72,9 +82,22 @@ SEQUENCE: dict[State, dict[type, Reply | None]] = {
     State.REJECTING: {Quit: None},
 }
 
+# AUTH_SEQUENCE[state] is None when AUTH may start now (subject to server.py's checks), else the 503.
+AUTH_SEQUENCE: dict[State, Reply | None] = {
+    State.NEED_HELO: AuthReply.NEED_EHLO,
+    State.READY: None,
+    State.HAVE_MAIL: AuthReply.IN_TRANSACTION,
+    State.HAVE_RCPT: AuthReply.IN_TRANSACTION,
+    State.BDAT_ACTIVE: AuthReply.IN_TRANSACTION,
+    State.BDAT_FAILED: AuthReply.IN_TRANSACTION,
+    State.REJECTING: R.BAD_SEQUENCE,
+}
+
 
 def sequence_error(state: State, command: type) -> Reply | None:
     """None if ``command`` may be issued in ``state``, else the 503 reply. Unlisted pairs are 503."""
+    if command is AuthStart:
+        return AUTH_SEQUENCE.get(state, R.BAD_SEQUENCE)
     table = SEQUENCE.get(state)
     if table is None:
         return R.BAD_SEQUENCE
