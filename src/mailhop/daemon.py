@@ -119,6 +119,8 @@ class Daemon:
             if self.config.delivery.enabled:
                 self.engine = self._build_engine()
                 self.state.on_queued = self.engine.wake
+                # `mailhop queue flush` / `release` poke us with SIGUSR1 so their changes act at once.
+                loop.add_signal_handler(signal.SIGUSR1, self.engine.wake)
                 engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
             log.info("ready listeners=%s spool=%s", addresses, self.config.queue.path)
@@ -133,7 +135,7 @@ class Daemon:
             if watcher is not None:
                 watcher.cancel()
             await self.queue.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         log.info("stopped")
 

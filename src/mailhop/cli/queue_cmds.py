@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -133,6 +135,8 @@ def _simple(name: str, verb: str, done: str, help_text: str) -> None:
             return [await method(qid) for qid in queue_ids]
 
         results = _run(config_path, action)
+        if verb == "release" and any(results):
+            _poke_daemon(config_path)
         failed = 0
         for qid, ok in zip(queue_ids, results, strict=True):
             click.echo(f"{qid}: {done}" if ok else f"{qid}: not found")
@@ -150,4 +154,19 @@ _simple("release", "release", "released", "Release held messages back to deliver
 def flush_cmd(config_path: Path) -> None:
     """Make every deferred recipient due now (like postqueue -f)."""
     count = _run(config_path, lambda b: b.flush())
-    click.echo(f"{count} recipient(s) scheduled for immediate delivery")
+    woke = _poke_daemon(config_path)
+    click.echo(f"{count} recipient(s) scheduled for immediate delivery"
+               + ("" if woke else " (no daemon is running: they go when it starts)"))
+
+
+def _poke_daemon(config_path: Path) -> bool:
+    """Wake a running daemon's delivery engine (SIGUSR1), so flush and release act now, like postqueue -f."""
+    config = read_config(config_path)
+    pid = SqliteQueue(config.queue.path).daemon_pid()
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return False
+    return True

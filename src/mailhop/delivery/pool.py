@@ -10,6 +10,7 @@ style response injection).
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 import contextlib
 import logging
 import ssl
@@ -63,8 +64,8 @@ class _Protocol(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:

@@ -290,6 +290,24 @@ class SqliteQueue:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def daemon_pid(self) -> int | None:
+        """The pid of the daemon running on this spool (it holds the lock), or None when none runs."""
+        path = self.spool.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
