@@ -2,6 +2,7 @@
 
 The relay is driven through its public interfaces only (``mailhop serve`` and ``mailhop queue list``), so the
 benchmark measures what an operator would run, and its count of queued messages is what an operator would see.
+It runs accept-only (delivery off, mail stays queued) or, given a smarthost, relaying everything to it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .procs import BenchError, free_port, port_open, stop_process, wait_until
 
-__all__ = ["MailhopRelay", "QueueCheck", "default_mailhop", "running_mailhop"]
+__all__ = ["LOOPS", "MailhopRelay", "QueueCheck", "default_mailhop", "running_mailhop"]
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -25,6 +27,8 @@ STOP_TIMEOUT = 60.0
 LIST_TIMEOUT = 300.0
 READY_MARK = "ready listeners="
 STDERR_TAIL_LINES = 8
+LOOPS = ("auto", "asyncio", "uvloop")  # mailhop serve --loop; auto is uvloop when installed
+DEFAULT_PER_DESTINATION = 20  # Postfix's default_destination_concurrency_limit
 
 
 def default_mailhop() -> str:
@@ -32,8 +36,35 @@ def default_mailhop() -> str:
     return str(Path(sys.executable).with_name("mailhop"))
 
 
-def config_toml(port: int, spool: Path) -> str:
-    """Benchmark config: one loopback listener, loopback trusted, a private spool, no delivery, warnings only."""
+def config_toml(
+    port: int, spool: Path, smarthost: str | None = None, per_destination: int = DEFAULT_PER_DESTINATION
+) -> str:
+    """Benchmark config: one loopback listener, loopback trusted, a private spool, warnings only.
+
+    Without smarthost delivery is off (accept-only); with one ("HOST:PORT") every domain is relayed there in
+    clear, with at most per_destination connections to it.
+    """
+    if smarthost is None:
+        delivery = [
+            "[delivery]",
+            "# Accept-only, and nothing leaves the machine: example.test would go to the system resolver.",
+            "enabled = false",
+        ]
+        route: list[str] = []
+    else:
+        delivery = [
+            "[delivery]",
+            "enabled = true",
+            f"max_connections_per_destination = {per_destination}",
+        ]
+        route = [
+            "# Everything goes to the benchmark's sink; no MX lookup is ever made.",
+            "[[route]]",
+            'domains = ["*"]',
+            f'via = "smtp://{smarthost}"',
+            'tls = "none"',
+            "",
+        ]
     return "\n".join(
         [
             'hostname = "mailhop.bench.test"',
@@ -48,9 +79,7 @@ def config_toml(port: int, spool: Path) -> str:
             "[queue]",
             f"path = {json.dumps(str(spool))}",
             "",
-            "[delivery]",
-            "# Accept-only, and nothing leaves the machine: example.test would go to the system resolver.",
-            "enabled = false",
+            *delivery,
             "",
             "[dns]",
             "# Should anything resolve anyway, it asks loopback, where nothing answers.",
@@ -59,6 +88,7 @@ def config_toml(port: int, spool: Path) -> str:
             "[log]",
             'level = "warning"',
             "",
+            *route,
         ]
     )
 
@@ -85,10 +115,24 @@ class QueueCheck:
 class MailhopRelay:
     """One mailhop process serving a fresh spool under root."""
 
-    def __init__(self, root: Path, executable: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        executable: str | None = None,
+        port: int | None = None,
+        *,
+        smarthost: str | None = None,
+        per_destination: int = DEFAULT_PER_DESTINATION,
+        loop: str = "auto",
+    ) -> None:
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
         self.root = root
         self.executable = executable or default_mailhop()
         self.port = port or free_port(LOOPBACK)
+        self.smarthost = smarthost
+        self.per_destination = per_destination
+        self.loop = loop
         self.config = root / "mailhop.toml"
         self.spool = root / "spool"
         self.stderr_path = root / "mailhop.stderr"
@@ -98,12 +142,17 @@ class MailhopRelay:
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """PID of the running ``mailhop serve`` (for a profiler), None when stopped."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> None:
         """Write the config, start ``mailhop serve`` and wait until it is ready (log line or open port)."""
         if not Path(self.executable).exists():
             raise BenchError(f"mailhop not found at {self.executable}: run scripts/setup.sh")
-        self.config.write_text(config_toml(self.port, self.spool))
-        argv = [self.executable, "serve", "--config", str(self.config)]
+        self.config.write_text(config_toml(self.port, self.spool, self.smarthost, self.per_destination))
+        argv = [self.executable, "serve", "--loop", self.loop, "--config", str(self.config)]
         with self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         wait_until(self._ready, START_TIMEOUT, f"mailhop on {self.address}")
@@ -135,9 +184,15 @@ class MailhopRelay:
             raise BenchError(f"mailhop queue list failed (exit {result.returncode}): {result.stderr.strip()}")
         entries = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
         matching = sum(1 for entry in entries if _has_envelope(entry, sender, recipient))
-        return QueueCheck(listed=len(entries), matching=matching, db_rows=self._db_rows())
+        return QueueCheck(listed=len(entries), matching=matching, db_rows=self.db_rows())
 
-    def _db_rows(self) -> int | None:
+    def wait_drained(self, timeout: float) -> float:
+        """Wait until queue.db has no message left (delivery recorded); seconds waited."""
+        started = time.monotonic()
+        wait_until(lambda: self.db_rows() == 0, timeout, "mailhop's queue.db to have no messages left")
+        return time.monotonic() - started
+
+    def db_rows(self) -> int | None:
         """Rows in ``<spool>/queue.db`` table messages, read-only; None if the layout is not what we expect."""
         db = self.spool / "queue.db"
         if not db.exists():
@@ -160,9 +215,16 @@ def _has_envelope(entry: object, sender: str, recipient: str) -> bool:
 
 
 @contextmanager
-def running_mailhop(root: Path, executable: str | None = None) -> Iterator[MailhopRelay]:
+def running_mailhop(
+    root: Path,
+    executable: str | None = None,
+    *,
+    smarthost: str | None = None,
+    per_destination: int = DEFAULT_PER_DESTINATION,
+    loop: str = "auto",
+) -> Iterator[MailhopRelay]:
     """A started relay under root, stopped (by PID, SIGTERM then SIGKILL) whatever happens."""
-    relay = MailhopRelay(root, executable)
+    relay = MailhopRelay(root, executable, smarthost=smarthost, per_destination=per_destination, loop=loop)
     relay.start()
     try:
         yield relay

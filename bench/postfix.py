@@ -31,6 +31,7 @@ SYSTEM_MASTER_CF = Path("/etc/postfix/master.cf")
 MAIL_OWNER = "postfix"
 # smtp-sink -c rewrites one status line, "sess=N quit=N mesg=N", after each event.
 SINK_COUNTER = re.compile(rb"mesg=(\d+)")
+SINK_SESSIONS = re.compile(rb"sess=(\d+)")
 SINK_TAIL_BYTES = 512
 LOG_POLL_INTERVAL = 0.5
 # qmgr's advice when one destination fills the active queue; it is informational, not a failure.
@@ -89,11 +90,18 @@ class SmtpSink:
 
     def received(self) -> int:
         """Messages the sink has accepted so far (the last counter it printed)."""
+        return self._last(SINK_COUNTER)
+
+    def sessions(self) -> int:
+        """SMTP sessions that have ended so far (smtp-sink counts a session when it ends)."""
+        return self._last(SINK_SESSIONS)
+
+    def _last(self, counter: re.Pattern[bytes]) -> int:
         try:
             with self.output.open("rb") as out:
                 # The counter line is rewritten in place after each event, so the last one is in the tail.
                 out.seek(max(0, out.seek(0, 2) - SINK_TAIL_BYTES))
-                counts = SINK_COUNTER.findall(out.read())
+                counts = counter.findall(out.read())
         except OSError:
             return 0
         return int(counts[-1]) if counts else 0

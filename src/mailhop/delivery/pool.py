@@ -10,13 +10,13 @@ style response injection).
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import contextlib
 import logging
 import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from ..reply import Reply
 from ..smtp.client import NO_CAPABILITIES, Capabilities, ReplyError, ReplyParser
