@@ -11,16 +11,20 @@ import asyncio
 import logging
 import signal
 
+from .auth.users import UserStore
 from .config.schema import Config, ListenerConfig
 from .delivery.bounce import Notifier
 from .delivery.engine import DeliveryEngine
 from .delivery.pool import ConnectionPool
 from .delivery.smtp import SmtpTransport
 from .dns import Resolver
+from .policy.authlimit import AuthLimiter
 from .policy.relay import RelayPolicy
+from .policy.userlimits import UserRateLimiter
 from .queue.schedule import RetryPolicy
 from .queue.sqlite import SqliteQueue
 from .routing import Router
+from .server.authflow import AuthServices
 from .server.listener import ConnectionLimiter, Listener
 from .server.session import ServerState, SessionContext
 from .server.tls import TlsContexts
@@ -50,6 +54,18 @@ class Daemon:
             command_timeout=lim.command_timeout,
             data_timeout=lim.data_timeout,
         )
+        self.auth: AuthServices | None = None
+        if any(lc.offers_auth for lc in config.listener):
+            a = config.auth
+            self.auth = AuthServices(
+                users=UserStore.for_spool(config.queue.path),
+                limiter=AuthLimiter(max_failures=a.max_failures, window=a.failure_window, penalty=a.penalty),
+                rate=UserRateLimiter(),
+                failure_delay=a.failure_delay,
+                enforce_sender=a.enforce_sender,
+                enforce_from_header=a.enforce_from_header,
+                received_shows_user=a.received_shows_user,
+            )
         self.listeners = [self._listener(lc, limits) for lc in config.listener]
         self.router = Router(config.route)  # reads smarthost password files now: a bad one fails at start
         self.engine: DeliveryEngine | None = None
@@ -66,6 +82,8 @@ class Daemon:
             limits=limits,
             tls_available=ssl_ctx is not None and not implicit,
             tls_active=implicit,
+            auth_mechanisms=tuple(self.config.auth.mechanisms) if lc.offers_auth else (),
+            auth_plaintext_ok=lc.allow_plaintext_auth,
         )
         ctx = SessionContext(
             settings=settings,
@@ -75,6 +93,8 @@ class Daemon:
             max_received_headers=self.config.limits.max_received_headers,
             ssl_context=None if implicit else ssl_ctx,
             role=lc.role,
+            auth=self.auth if lc.offers_auth else None,
+            require_auth=lc.requires_auth,
         )
         return Listener(lc, ctx, implicit_tls=ssl_ctx if implicit else None,
                         handshake_timeout=self.config.limits.command_timeout)
@@ -108,6 +128,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.tls.reload)
+        # `mailhop queue flush` / `release` poke us with SIGUSR1 so their changes act at once. Installed even
+        # with delivery off: SIGUSR1's default action would kill the daemon.
+        loop.add_signal_handler(signal.SIGUSR1, self._poke)
         await self.queue.start(recover=True)
         watcher = None
         if self.config.tls.reload_interval > 0:
@@ -119,8 +142,6 @@ class Daemon:
             if self.config.delivery.enabled:
                 self.engine = self._build_engine()
                 self.state.on_queued = self.engine.wake
-                # `mailhop queue flush` / `release` poke us with SIGUSR1 so their changes act at once.
-                loop.add_signal_handler(signal.SIGUSR1, self.engine.wake)
                 engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
             log.info("ready listeners=%s spool=%s", addresses, self.config.queue.path)
@@ -134,6 +155,8 @@ class Daemon:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if self.auth is not None:
+                await self.auth.users.aclose()
             await self.queue.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
@@ -144,6 +167,10 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.tls.reload(only_changed=True)
+
+    def _poke(self) -> None:
+        if self.engine is not None:
+            self.engine.wake()
 
     def request_stop(self) -> None:
         self._stop.set()

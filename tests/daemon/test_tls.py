@@ -159,3 +159,20 @@ def test_tls_below_1_2_refused(tls_relay: Relay, ca: trustme.CA) -> None:
         c.send(b"NOOP\r\n")
         c.reply()
     c.close()
+
+
+def test_starttls_many_handshakes_none_stall(tls_relay: Relay, ca: trustme.CA) -> None:
+    """Regression: the ClientHello raced our switch to TLS (reading was not paused before the 220), so on uvloop
+    about a third of handshakes stalled until the timeout. 60 in a row must all complete promptly."""
+    ctx = client_ctx(ca)
+    for _ in range(60):
+        c = Raw(tls_relay)
+        c.sock.settimeout(3)
+        c.reply()
+        c.send(b"EHLO t\r\nSTARTTLS\r\n")
+        c.reply()
+        assert c.reply().startswith("220")
+        c.upgrade(ctx)
+        c.send(b"NOOP\r\n")
+        assert c.reply().startswith("250")
+        c.close()

@@ -296,3 +296,20 @@ def test_mx_pointing_at_ourselves_is_a_loop(tmp_path: Path) -> None:
             [tx] = bounces.wait_for(1)
         _, blocks = dsn_fields(tx.data)
         assert blocks[0]["Status"] == "5.4.6"
+
+
+def test_ipv6_mx_host(r: Rig) -> None:
+    r.dns.add("six.test. 60 IN MX 10 mx.six.test.", "mx.six.test. 60 IN AAAA ::1")
+    with Receiver("::1", r.port) as rx:
+        r.send(envelope("a@sender.test", "x@six.test"), BODY)
+        [tx] = rx.wait_for(1)
+        assert tx.rcpts[0][0] == "x@six.test"
+
+
+def test_ipv6_unreachable_falls_back_to_ipv4(r: Rig) -> None:
+    # ::1 on this port has no listener (connection refused): the IPv4 address of the same host is next.
+    r.dns.add("dual.test. 60 IN MX 10 mx.dual.test.", "mx.dual.test. 60 IN AAAA ::1",
+              "mx.dual.test. 60 IN A 127.0.0.59")
+    with Receiver("127.0.0.59", r.port) as rx:
+        r.send(envelope("a@sender.test", "x@dual.test"), BODY)
+        rx.wait_for(1)

@@ -68,14 +68,15 @@ def received_header(
     queue_id: str,
     recipient: str | None,
     when: datetime | None = None,
+    user: str | None = None,
 ) -> bytes:
     """Our trace header. ``recipient`` is named only when the message has exactly one (privacy, as Postfix)."""
     when = when or datetime.now(UTC)
     helo_clean = "".join(ch for ch in helo if 32 < ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
-    lines = [
-        f"Received: from {helo_clean} ([{client_ip}])",
-        f"\tby {hostname} (mailhop) with {protocol} id {queue_id}",
-    ]
+    lines = [f"Received: from {helo_clean} ([{client_ip}])"]
+    if user:
+        lines.append(f"\t(Authenticated sender: {''.join(ch for ch in user if 32 < ord(ch) < 127 and ch not in '()')})")
+    lines.append(f"\tby {hostname} (mailhop) with {protocol} id {queue_id}")
     if recipient:
         lines.append(f"\tfor <{recipient}>")
     lines[-1] += ";"

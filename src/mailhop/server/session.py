@@ -17,9 +17,13 @@ from typing import TYPE_CHECKING, cast
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
+from ..policy.userlimits import rate_reply, recipients_reply
 from ..reply import R, Reply
 from ..smtp import (
     NEED_DATA,
+    AuthAborted,
+    AuthResponse,
+    AuthStart,
     BdatChunkEnd,
     ConnectionClosed,
     DataChunk,
@@ -34,8 +38,10 @@ from ..smtp import (
     ServerSettings,
     StartTls,
 )
+from .authflow import AuthExchange, AuthOutcome, AuthServices
 
 if TYPE_CHECKING:
+    from ..auth.users import User
     from ..policy.relay import RelayPolicy
     from ..queue.backend import QueueBackend
     from ..queue.spool import BodyWriter
@@ -70,6 +76,8 @@ class SessionContext:
     max_received_headers: int = 50
     ssl_context: ssl.SSLContext | None = None  # for STARTTLS (None: not offered)
     role: str = "mx"
+    auth: AuthServices | None = None  # None: this listener does not offer AUTH
+    require_auth: bool = False  # MAIL needs a successful AUTH first
 
 
 class SmtpSession(asyncio.Protocol):
@@ -96,6 +104,8 @@ class SmtpSession(asyncio.Protocol):
         self._in_transaction = False
         self._idle = False
         self._upgrading: list[bytes] | None = None
+        self.user: User | None = None
+        self._auth: AuthExchange | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,11 +228,17 @@ class SmtpSession(asyncio.Protocol):
             if isinstance(event, DataChunk):
                 self._on_chunk(event.data)
             elif isinstance(event, Rcpt):
-                reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted)
-                conn.send(reply or R.RCPT_OK)
+                conn.send(self._on_rcpt(event))
             elif isinstance(event, Mail):
-                self._in_transaction = True
-                conn.send(R.SENDER_OK)
+                reply = self._on_mail(event)
+                self._in_transaction = reply.is_positive
+                conn.send(reply)
+            elif isinstance(event, (AuthStart, AuthResponse)):
+                if not await self._on_auth(event):
+                    return
+            elif isinstance(event, AuthAborted):
+                log.info("auth aborted client=%s: %s", self.client_ip, event.reason)
+                self._auth = None
             elif isinstance(event, DataStart):
                 self._start_body(bdat=event.bdat)
             elif isinstance(event, DataEnd):
@@ -253,6 +269,67 @@ class SmtpSession(asyncio.Protocol):
             else:  # pragma: no cover - the core's event set is closed
                 raise AssertionError(f"unhandled event {event!r}")
 
+    # -- authentication and submission policy -----------------------------------------------------------------------
+    async def _on_auth(self, event: AuthStart | AuthResponse) -> bool:
+        """Run one AUTH step; False when the session must end (locked out)."""
+        services = self.ctx.auth
+        if services is None:  # the core only emits AUTH events when mechanisms are configured
+            self.conn.send(R.NOT_IMPLEMENTED)
+            return True
+        if isinstance(event, AuthStart):
+            self._auth = AuthExchange(services, self.client_ip, event.mechanism)
+            outcome: AuthOutcome = await self._auth.start(event.initial)
+        else:
+            if self._auth is None:
+                self.conn.send(R.BAD_SEQUENCE)
+                return True
+            outcome = await self._auth.respond(event.data)
+        if outcome.done:
+            self._auth = None
+        if outcome.user is not None:
+            self.user = outcome.user
+        self.conn.send(outcome.reply)
+        if outcome.close:
+            self._flush()
+            self._close()
+            return False
+        return True
+
+    def _on_mail(self, event: Mail) -> Reply:
+        if self.ctx.require_auth and self.user is None:
+            return Reply(530, "5.7.0", "Authentication required")
+        user, services = self.user, self.ctx.auth
+        if user is not None and services is not None:
+            if services.enforce_sender and event.sender is not None and not user.may_send_as(str(event.sender)):
+                log.info("sender refused client=%s user=%s sender=<%s>", self.client_ip, user.name, event.sender)
+                return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user.name}")
+            if not services.rate.allowed(user.name, user.max_messages_per_hour):
+                assert user.max_messages_per_hour is not None
+                return rate_reply(user.max_messages_per_hour)
+        return R.SENDER_OK
+
+    def _on_rcpt(self, event: Rcpt) -> Reply:
+        reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted, authenticated=self.user is not None)
+        if reply is not None:
+            return reply
+        user = self.user
+        limit = user.max_recipients_per_message if user is not None else None
+        if limit is not None and len(self.conn.transaction.recipients) >= limit:
+            return recipients_reply(limit)
+        return R.RCPT_OK
+
+    def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
+        services, user = self.ctx.auth, self.user
+        if user is None or services is None or not services.enforce_from_header:
+            return None
+        from email.utils import getaddresses
+
+        addresses = [addr for _, addr in getaddresses(headers.field("From")) if addr]
+        if not addresses or not all(user.may_send_as(a) for a in addresses):
+            log.info("From: header refused client=%s user=%s from=%s", self.client_ip, user.name, addresses[:3])
+            return Reply(553, "5.7.1", f"From: header address not owned by user {user.name}")
+        return None
+
     # -- message body -----------------------------------------------------------------------------------------------
     def _start_body(self, *, bdat: bool) -> None:
         self._drop_body()
@@ -264,6 +341,8 @@ class SmtpSession(asyncio.Protocol):
             proto = ("UTF8SMTP" if tx.mail_params.smtputf8 else "ESMTP") if self.extended else "SMTP"
             if self.conn.tls_active:
                 proto += "S"
+            if self.user is not None:
+                proto += "A"  # RFC 3848
             body.write(
                 received_header(
                     helo=self.helo,
@@ -272,6 +351,8 @@ class SmtpSession(asyncio.Protocol):
                     protocol=proto,
                     queue_id=body.queue_id,
                     recipient=rcpts[0].address if len(rcpts) == 1 else None,
+                    user=self.user.name if self.user is not None and self.ctx.auth is not None
+                    and self.ctx.auth.received_shows_user else None,
                 )
             )
         except QueueFullError:
@@ -313,6 +394,10 @@ class SmtpSession(asyncio.Protocol):
             body.abort()
             log.info("mail loop client=%s received=%d", self.client_ip, headers.received_count)
             return R.MAIL_LOOP
+        refused = self._check_from_header(headers)
+        if refused is not None:
+            body.abort()
+            return refused
         tx = self.conn.transaction
         assert tx is not None
         envelope = Envelope(
@@ -323,6 +408,7 @@ class SmtpSession(asyncio.Protocol):
             client_ip=self.client_ip,
             client_port=self.client_port,
             tls=self.conn.tls_active,
+            authenticated=self.user.name if self.user is not None else None,
         )
         try:
             queue_id = await self.ctx.queue.accept(envelope, body)
@@ -334,6 +420,8 @@ class SmtpSession(asyncio.Protocol):
             return R.LOCAL_ERROR
         if self.ctx.state.on_queued is not None:
             self.ctx.state.on_queued()
+        if self.user is not None and self.ctx.auth is not None:
+            self.ctx.auth.rate.record(self.user.name, self.user.max_messages_per_hour)
         log.info(
             "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
             queue_id,
@@ -357,19 +445,24 @@ class SmtpSession(asyncio.Protocol):
         if ctx is None or self.transport is None:  # the core only emits StartTls when TLS is available
             self.conn.send(R.TLS_NOT_AVAILABLE)
             return True
+        # Stop reading before the 220 goes out: the client's ClientHello must reach the TLS layer, not the
+        # plaintext protocol (where the core would discard it as injected bytes and the handshake would stall).
+        self.transport.pause_reading()
+        self._paused = True
         self.conn.send(R.READY_TLS)
         self._flush()
         loop = asyncio.get_running_loop()
         self._upgrading = []
         try:
-            new_transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self, ctx, server_side=True), self.conn.wants_timeout()
+            new_transport = await loop.start_tls(
+                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=self.conn.wants_timeout()
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake failed client=%s: %s", self.client_ip, exc)
             self._upgrading = None
             self._close()
             return False
+        self._paused = False
         early, self._upgrading = self._upgrading, None
         if new_transport is None:
             self._close()
@@ -385,6 +478,8 @@ class SmtpSession(asyncio.Protocol):
                 self.client_ip,
             )
         self.helo = ""
+        self.user = None  # RFC 3207: nothing from before the handshake survives it
+        self._auth = None
         self._drop_body()
         self._in_transaction = False
         return True
