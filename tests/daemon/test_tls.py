@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,56 @@ def test_starttls_many_handshakes_none_stall(tls_relay: Relay, ca: trustme.CA) -
         c.send(b"NOOP\r\n")
         assert c.reply().startswith("250")
         c.close()
+
+
+def _peer_name(port: int, ca: trustme.CA) -> str:
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    f = c.makefile("rb")
+    f.readline()
+    c.sendall(b"EHLO t\r\nSTARTTLS\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    assert f.readline().startswith(b"220")
+    f.close()
+    ctx = client_ctx(ca)
+    ctx.check_hostname = False
+    with ctx.wrap_socket(c) as s:
+        cert = s.getpeercert()
+    return next(v for k, v in cert["subjectAltName"] if k == "DNS")
+
+
+def test_certificate_reload_on_sighup_keeps_connections(tmp_path: Path, ca: trustme.CA) -> None:
+    import os
+    import signal
+
+    def write(name: str) -> None:
+        cert = ca.issue_cert(name)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+
+    write("old.example.test")
+    extra = '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\nreload_interval = 0\n'
+    with run_relay(tmp_path, extra=extra) as relay:
+        assert _peer_name(relay.port, ca) == "old.example.test"
+        kept = Raw(relay)
+        kept.reply()
+        kept.send(b"EHLO t\r\nSTARTTLS\r\n")
+        kept.reply()
+        kept.reply()
+        kept.upgrade(_unverified(ca))
+        write("new.example.test")
+        assert _peer_name(relay.port, ca) == "old.example.test"  # no reload without SIGHUP (interval 0)
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "TLS certificate reloaded" not in relay.log() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the log line is the signal that the reload ran
+        assert _peer_name(relay.port, ca) == "new.example.test"
+        kept.send(b"NOOP\r\n")  # the connection made before the reload still works
+        assert kept.reply().startswith("250")
+        kept.close()
+
+
+def _unverified(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = client_ctx(ca)
+    ctx.check_hostname = False
+    return ctx
