@@ -114,3 +114,21 @@ def test_configuration_reference_is_current() -> None:
     assert (ROOT / "docs" / "configuration.md").read_text() == render_reference(), (
         "docs/configuration.md is stale: run `mailhop config-reference > docs/configuration.md`"
     )
+
+
+def test_plaintext_auth_only_on_loopback(tmp_path: Path) -> None:
+    from mailhop.tlsutil import make_self_signed
+
+    make_self_signed("relay.example.test", tmp_path / "tls")
+    tls = '[tls]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n'
+    ok = load_config(write(tmp_path, tls + '[[listener]]\naddress = "127.0.0.1:5870"\nrole = "submission"\n'
+                                            "allow_plaintext_auth = true\n"))
+    assert ok.listener[0].allow_plaintext_auth
+    with pytest.raises(ConfigError, match=r"listener\[0\].*loopback"):
+        load_config(write(tmp_path, tls + '[[listener]]\naddress = "192.0.2.1:587"\nrole = "submission"\n'
+                                          "allow_plaintext_auth = true\n"))
+
+
+def test_submission_needs_a_certificate(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs a certificate.*self-signed"):
+        load_config(write(tmp_path, '[[listener]]\naddress = "127.0.0.1:5870"\nrole = "submission"\n'))
