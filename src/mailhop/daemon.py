@@ -58,7 +58,7 @@ class Daemon:
         if any(lc.offers_auth for lc in config.listener):
             a = config.auth
             self.auth = AuthServices(
-                users=UserStore.for_spool(config.queue.path),
+                users=UserStore.for_spool(config.queue.path, cache_ttl=a.cache_ttl),
                 limiter=AuthLimiter(max_failures=a.max_failures, window=a.failure_window, penalty=a.penalty),
                 rate=UserRateLimiter(),
                 failure_delay=a.failure_delay,

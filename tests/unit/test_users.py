@@ -543,3 +543,20 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     with UserStore.for_spool(tmp_path / "spool") as s:
         user = s._authenticate_sync("Dave@Example.org", "hunter2")
         assert user is not None and user.may_send_as("someone@example.org")
+
+
+@pytest.mark.anyio
+async def test_verified_credentials_cache(store: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add("alice", "pw", ["alice@example.org"])
+    counter = ScryptCounter(monkeypatch)
+    assert await store.authenticate("alice", "pw") is not None
+    assert await store.authenticate("alice", "pw") is not None
+    assert counter.calls == 1  # the second login hit the cache: no KDF
+    assert await store.authenticate("alice", "wrong") is None
+    assert counter.calls == 2  # a wrong password always pays the KDF
+    store.set_password("alice", "new")
+    before = counter.calls
+    assert await store.authenticate("alice", "pw") is None  # the old password is not served from the cache
+    assert counter.calls == before + 1
+    store.set_disabled("alice", True)
+    assert await store.authenticate("alice", "new") is None  # disabled wins over any cache

@@ -26,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -201,6 +204,7 @@ class UserStore:
         busy_timeout: float = 10.0,
         kdf_workers: int = 2,
         scram_iterations: int = SCRAM_ITERATIONS,
+        cache_ttl: float = 300.0,
     ) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
@@ -211,6 +215,9 @@ class UserStore:
         self._ready = False
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
+        self._cache_ttl = cache_ttl
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
 
     @classmethod
     def for_spool(cls, spool: Path, **kwargs: Any) -> UserStore:
@@ -453,7 +460,25 @@ class UserStore:
         if encoded is None:
             verify_password(password, DUMMY_HASH)  # same KDF cost as a real user; the result is ignored
             return None
-        return user if verify_password(password, encoded) else None
+        assert key is not None
+        # A verified (name, password, stored hash) is remembered for a while, as Dovecot's auth cache does:
+        # applications that open a session per message would otherwise pay the memory-hard KDF every time.
+        # The cache key is an HMAC under a per-process random key (no password is kept), and it includes the
+        # stored hash, so `mailhop users passwd` invalidates it at once.
+        token = hmac.new(self._cache_key, f"{key}\0{password}\0{encoded}".encode("utf-8", "surrogatepass"),
+                         hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            expiry = self._verified.get(token)
+            if expiry is not None and expiry > now:
+                return user
+        if not verify_password(password, encoded):
+            return None
+        with self._lock:
+            self._verified[token] = now + self._cache_ttl
+            while len(self._verified) > 10_000:
+                self._verified.pop(next(iter(self._verified)))
+        return user
 
     def _scram_sync(self, name: str) -> ScramCredentials | None:
         try:

@@ -218,6 +218,10 @@ class AuthConfig(_Section):
     received_shows_user: bool = Field(
         False, description="Name the authenticated user in the Received: header (off: privacy by default)."
     )
+    cache_ttl: float = Field(
+        300.0, ge=0, description="Seconds a verified user/password pair skips the slow password hash (0: never). "
+        "A password change ends it at once."
+    )
 
 
 class DnsConfig(_Section):
