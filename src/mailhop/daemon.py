@@ -101,7 +101,10 @@ class Daemon:
 
     def _build_engine(self) -> DeliveryEngine:
         d = self.config.delivery
-        self.pool = ConnectionPool(idle_timeout=d.connection_idle_timeout, max_messages=d.max_messages_per_connection)
+        # Keep as many idle connections per destination as may be busy at once: fewer, and a burst of
+        # deliveries to one destination opens and closes a connection per message.
+        self.pool = ConnectionPool(idle_timeout=d.connection_idle_timeout, max_messages=d.max_messages_per_connection,
+                                   max_idle_per_key=d.max_connections_per_destination)
         transport = SmtpTransport(
             hostname=self.config.hostname,
             pool=self.pool,
