@@ -57,27 +57,37 @@ def _split(word: bytes) -> tuple[bytes, bytes | None] | None:
     return key.upper(), value
 
 
+def _pairs(words: list[bytes]) -> list[tuple[bytes, bytes | None]] | Reply:
+    """Every ``keyword[=value]`` split, or the reply for the first malformed (501) or repeated (555) one."""
+    seen: set[bytes] = set()
+    pairs = []
+    for word in words:
+        parts = _split(word)
+        if parts is None:
+            return R.BAD_ARGS
+        if parts[0] in seen:
+            return R.PARAM_NOT_IMPLEMENTED
+        seen.add(parts[0])
+        pairs.append(parts)
+    return pairs
+
+
 def parse_mail_params(
     words: list[bytes], *, max_size: int, max_digits: int, dsn: bool, smtputf8: bool
 ) -> MailParams | Reply:
     """Parse MAIL FROM parameters: 555 for unknown or repeated ones, 501 for bad values, 552 for SIZE."""
     if not words:
         return NO_MAIL_PARAMS
-    seen: set[bytes] = set()
+    pairs = _pairs(words)
+    if isinstance(pairs, Reply):
+        return pairs
     size: int | None = None
     body: str | None = None
     utf8 = False
     ret: str | None = None
     envid: str | None = None
     requiretls = False
-    for word in words:
-        parts = _split(word)
-        if parts is None:
-            return R.BAD_ARGS
-        key, value = parts
-        if key in seen:
-            return R.PARAM_NOT_IMPLEMENTED
-        seen.add(key)
+    for key, value in pairs:
         if key == b"SIZE":
             if value is None or not value.isdigit() or len(value) > max_digits:
                 return R.BAD_ARGS
@@ -147,17 +157,12 @@ def parse_rcpt_params(words: list[bytes], *, dsn: bool) -> RcptParams | Reply:
     """Parse RCPT TO parameters (NOTIFY and ORCPT, RFC 3461 4.1-4.2)."""
     if not words:
         return NO_RCPT_PARAMS
-    seen: set[bytes] = set()
+    pairs = _pairs(words)
+    if isinstance(pairs, Reply):
+        return pairs
     notify: tuple[str, ...] = ()
     orcpt: str | None = None
-    for word in words:
-        parts = _split(word)
-        if parts is None:
-            return R.BAD_ARGS
-        key, value = parts
-        if key in seen:
-            return R.PARAM_NOT_IMPLEMENTED
-        seen.add(key)
+    for key, value in pairs:
         if key == b"NOTIFY" and dsn:
             parsed = None if value is None else _parse_notify(value)
             if parsed is None:
