@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -31,30 +32,43 @@ def test_data_timeout_gives_421_and_nothing_queued(tmp_path: Path) -> None:
         assert relay.queue_ids() == []
 
 
+def _client_from(relay_port: int, source: str) -> Client:
+    c = Client.__new__(Client)
+    c.sock = socket.create_connection(("127.0.0.1", relay_port), timeout=5, source_address=(source, 0))
+    c.buf = b""
+    return c
+
+
 def test_connection_caps_per_ip_and_total(tmp_path: Path) -> None:
     with run_relay(tmp_path, extra="[limits]\nmax_connections_per_ip = 2\nmax_connections = 3\n") as relay:
-        a, b = Client(relay.host, relay.port), Client(relay.host, relay.port)
-        assert a.reply().startswith("220") and b.reply().startswith("220")
-        third = Client(relay.host, relay.port)
-        assert third.reply().startswith("421 4.7.0")
-        third.close()
-        # Another loopback address is another client: allowed until the overall cap.
-        other = Client.__new__(Client)
-        import socket
-
-        other.sock = socket.create_connection((relay.host, relay.port), timeout=5, source_address=("127.0.0.7", 0))
-        other.buf = b""
-        assert other.reply().startswith("220")
-        fourth = Client.__new__(Client)
-        fourth.sock = socket.create_connection((relay.host, relay.port), timeout=5, source_address=("127.0.0.8", 0))
-        fourth.buf = b""
-        assert fourth.reply().startswith("421 4.7.0")
-        for c in (a, b, other, fourth):
-            c.close()
-        # Slots are given back when clients leave.
-        again = Client(relay.host, relay.port)
-        assert again.reply().startswith("220")
-        again.close()
+        opened: list[Client] = []
+        try:
+            a, b = _client_from(relay.port, "127.0.0.1"), _client_from(relay.port, "127.0.0.1")
+            opened += [a, b]
+            assert a.reply().startswith("220") and b.reply().startswith("220")
+            third = _client_from(relay.port, "127.0.0.1")
+            opened.append(third)
+            assert third.reply().startswith("421 4.7.0")
+            # Another loopback address is another client: allowed until the overall cap.
+            other = _client_from(relay.port, "127.0.0.7")
+            opened.append(other)
+            assert other.reply().startswith("220")
+            fourth = _client_from(relay.port, "127.0.0.8")
+            opened.append(fourth)
+            assert fourth.reply().startswith("421 4.7.0")
+        finally:
+            for c in opened:
+                c.close()
+        # Slots are given back once the server has seen the clients leave (that takes a moment: poll briefly).
+        deadline = time.monotonic() + 5
+        while True:
+            again = Client(relay.host, relay.port)
+            reply = again.reply()
+            again.close()
+            if reply.startswith("220") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert reply.startswith("220"), reply
 
 
 def _rss_kb(pid: int, field: str = "VmHWM") -> int:
