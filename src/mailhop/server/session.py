@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
-from ..policy.userlimits import rate_reply, recipients_reply
+from ..policy.submission import check_from_header, check_mail, check_recipient_count
 from ..reply import R, Reply
 from ..smtp import (
     NEED_DATA,
@@ -296,39 +296,33 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     def _on_mail(self, event: Mail) -> Reply:
-        if self.ctx.require_auth and self.user is None:
-            return Reply(530, "5.7.0", "Authentication required")
-        user, services = self.user, self.ctx.auth
-        if user is not None and services is not None:
-            if services.enforce_sender and event.sender is not None and not user.may_send_as(str(event.sender)):
-                log.info("sender refused client=%s user=%s sender=<%s>", self.client_ip, user.name, event.sender)
-                return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user.name}")
-            if not services.rate.allowed(user.name, user.max_messages_per_hour):
-                assert user.max_messages_per_hour is not None
-                return rate_reply(user.max_messages_per_hour)
-        return R.SENDER_OK
+        services = self.ctx.auth
+        reply = check_mail(
+            user=self.user,
+            sender=event.sender,
+            require_auth=self.ctx.require_auth,
+            enforce_sender=services is not None and services.enforce_sender,
+            rate=services.rate if services is not None else None,
+        )
+        if not reply.is_positive and self.user is not None:
+            log.info("MAIL refused client=%s user=%s sender=<%s>: %s", self.client_ip, self.user.name,
+                     event.sender or "", reply)
+        return reply
 
     def _on_rcpt(self, event: Rcpt) -> Reply:
         reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted, authenticated=self.user is not None)
-        if reply is not None:
-            return reply
-        user = self.user
-        limit = user.max_recipients_per_message if user is not None else None
-        if limit is not None and len(self.conn.transaction.recipients) >= limit:
-            return recipients_reply(limit)
-        return R.RCPT_OK
+        if reply is None:
+            reply = check_recipient_count(self.user, len(self.conn.transaction.recipients))
+        return reply or R.RCPT_OK
 
     def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
         services, user = self.ctx.auth, self.user
         if user is None or services is None or not services.enforce_from_header:
             return None
-        from email.utils import getaddresses
-
-        addresses = [addr for _, addr in getaddresses(headers.field("From")) if addr]
-        if not addresses or not all(user.may_send_as(a) for a in addresses):
-            log.info("From: header refused client=%s user=%s from=%s", self.client_ip, user.name, addresses[:3])
-            return Reply(553, "5.7.1", f"From: header address not owned by user {user.name}")
-        return None
+        reply = check_from_header(user, headers.field("From"))
+        if reply is not None:
+            log.info("From: header refused client=%s user=%s", self.client_ip, user.name)
+        return reply
 
     # -- message body -----------------------------------------------------------------------------------------------
     def _start_body(self, *, bdat: bool) -> None:
