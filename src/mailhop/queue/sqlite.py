@@ -7,18 +7,14 @@ files for large messages, in a spool directory::
 
 Writes go through one writer thread (``commit.GroupCommitter``); reads use a small pool of read-only
 connections in worker threads (``asyncio.to_thread``), so neither ever blocks the event loop. WAL lets
-reads run concurrently with the writer and see only committed transactions.
+reads run concurrently with the writer and see only committed transactions. The schema and the row
+encoding live in ``rows``; start-up recovery and the spool lock in ``recovery``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import io
-import itertools
-import json
-import logging
 import os
 import sqlite3
 import threading
@@ -27,184 +23,33 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from ..envelope import Envelope, MailParams
+from ..envelope import Envelope
 from ..errors import QueueError
 from .backend import QueueBackend
 from .commit import AcceptRequest, GroupCommitter, OpRequest, queue_error_from_exception
 from .faults import crash_point
 from .ids import is_queue_id, new_queue_id
 from .model import QueuedMessage, RcptStatus, RecipientState
+from .recovery import lock_holder, take_lock
+from .recovery import recover as recover_queue
+from .rows import (
+    INSERT_BODY,
+    INSERT_MESSAGE,
+    INSERT_RECIPIENT,
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    SCHEMA_VERSION,
+    decode_message,
+    ensure_schema,
+    load_message,
+    message_insert_row,
+    recipient_insert_rows,
+)
 from .spool import DEFAULT_INLINE_MAX, BodyWriter, Spool, fsync_dir
 
 __all__ = ["SCHEMA_VERSION", "SqliteQueue"]
 
-log = logging.getLogger("mailhop.queue")
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-SCHEMA = (
-    """CREATE TABLE messages (
-        id          TEXT PRIMARY KEY NOT NULL,
-        sender      TEXT NOT NULL,              -- '' = null reverse-path
-        params      TEXT NOT NULL,              -- JSON: MAIL FROM parameters and session facts
-        received_at REAL NOT NULL,
-        size        INTEGER NOT NULL,           -- body bytes
-        held        INTEGER NOT NULL DEFAULT 0,
-        hold_reason TEXT NOT NULL DEFAULT '',
-        client_ip   TEXT NOT NULL DEFAULT '',
-        helo        TEXT NOT NULL DEFAULT '',
-        body_path   TEXT,                       -- relative to the spool; NULL: the body is in bodies
-        warned      INTEGER NOT NULL DEFAULT 0  -- a delay notice has been sent for this message
-    )""",
-    "CREATE INDEX messages_held ON messages(id) WHERE held = 1",
-    """CREATE TABLE bodies (
-        id   TEXT PRIMARY KEY NOT NULL,         -- = messages.id
-        data BLOB NOT NULL
-    )""",
-    """CREATE TABLE recipients (
-        msg_id       TEXT NOT NULL,
-        idx          INTEGER NOT NULL,
-        address      TEXT NOT NULL,
-        domain       TEXT NOT NULL,
-        orcpt        TEXT,
-        notify       TEXT NOT NULL DEFAULT '',  -- comma-separated; '' = not given
-        status       TEXT NOT NULL,
-        attempts     INTEGER NOT NULL DEFAULT 0,
-        last_reply   TEXT NOT NULL DEFAULT '',
-        next_attempt REAL NOT NULL,
-        updated      REAL NOT NULL,
-        PRIMARY KEY (msg_id, idx)
-    ) WITHOUT ROWID""",
-    "CREATE INDEX recipients_due ON recipients(status, next_attempt)",
-    "CREATE INDEX recipients_domain ON recipients(domain, status)",
-)
-
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (id, sender, params, received_at, size, client_ip, helo, body_path)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_BODY = "INSERT INTO bodies (id, data) VALUES (?, ?)"
-_INSERT_RECIPIENT = (
-    "INSERT INTO recipients (msg_id, idx, address, domain, orcpt, notify, status, attempts, last_reply,"
-    " next_attempt, updated) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, '', ?, ?)"
-)
-_MESSAGE_COLUMNS = (
-    "m.id, m.sender, m.params, m.received_at, m.size, m.held, m.hold_reason, m.client_ip, m.helo, m.warned"
-)
-_N_MESSAGE_COLUMNS = 10
-_RECIPIENT_COLUMNS = (
-    "r.msg_id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.status, r.attempts, r.last_reply,"
-    " r.next_attempt, r.updated"
-)
-
-
-# --- row encoding ------------------------------------------------------------------------------------
-
-
-def _encode_params(env: Envelope) -> str:
-    mp = env.mail_params
-    d: dict[str, Any] = {}
-    if mp.size is not None:
-        d["size"] = mp.size
-    if mp.body is not None:
-        d["body"] = mp.body
-    if mp.smtputf8:
-        d["smtputf8"] = True
-    if mp.ret is not None:
-        d["ret"] = mp.ret
-    if mp.envid is not None:
-        d["envid"] = mp.envid
-    if mp.requiretls:
-        d["requiretls"] = True
-    if env.client_port:
-        d["port"] = env.client_port
-    if env.authenticated is not None:
-        d["auth"] = env.authenticated
-    if env.tls:
-        d["tls"] = True
-    if env.kind:
-        d["kind"] = env.kind
-    return json.dumps(d, separators=(",", ":"))
-
-
-def _typed(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = d.get(key, default)
-    if value is default:
-        return value
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"params.{key} has type {type(value).__name__}")
-    return value
-
-
-def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool, str]:
-    """Strict: ValueError on anything we did not write."""
-    if not isinstance(text, str):
-        raise ValueError("params is not text")
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"params is not JSON ({exc.msg})") from None
-    if not isinstance(d, dict):
-        raise ValueError("params is not a JSON object")
-    params = MailParams(
-        size=_typed(d, "size", int, None),
-        body=_typed(d, "body", str, None),
-        smtputf8=_typed(d, "smtputf8", bool, False),
-        ret=_typed(d, "ret", str, None),
-        envid=_typed(d, "envid", str, None),
-        requiretls=_typed(d, "requiretls", bool, False),
-    )
-    return (params, _typed(d, "port", int, 0), _typed(d, "auth", str, None), _typed(d, "tls", bool, False),
-            _typed(d, "kind", str, ""))
-
-
-def _decode_recipient(row: tuple[Any, ...]) -> RecipientState:
-    _, idx, address, domain, orcpt, notify, status, attempts, last_reply, next_attempt, updated = row
-    if not (isinstance(idx, int) and isinstance(address, str) and isinstance(domain, str)
-            and isinstance(notify, str) and isinstance(attempts, int) and isinstance(last_reply, str)
-            and isinstance(next_attempt, int | float) and isinstance(updated, int | float)
-            and (orcpt is None or isinstance(orcpt, str))):
-        raise ValueError(f"recipient {idx!r} has a column of the wrong type")
-    return RecipientState(
-        idx=idx, address=address, domain=domain, orcpt=orcpt,
-        notify=tuple(notify.split(",")) if notify else (),
-        status=RcptStatus(status),  # ValueError for an unknown status
-        attempts=attempts, last_reply=last_reply, next_attempt=float(next_attempt), updated=float(updated),
-    )
-
-
-def _decode_message(row: tuple[Any, ...], rcpt_rows: Iterable[tuple[Any, ...]]) -> tuple[QueuedMessage, list[str]]:
-    """Best effort: a message is always returned (defaults for what cannot be decoded) with the problems."""
-    problems: list[str] = []
-    qid, sender, params_text, received_at, size, held, hold_reason, client_ip, helo, warned = row
-    try:
-        params, port, auth, tls, kind = _decode_params(params_text)
-    except ValueError as exc:
-        problems.append(str(exc))
-        params, port, auth, tls, kind = MailParams(), 0, None, False, ""
-    recipients = []
-    for r in rcpt_rows:
-        try:
-            recipients.append(_decode_recipient(r))
-        except ValueError as exc:
-            problems.append(f"recipient row: {exc}")
-    if not recipients and not problems:
-        problems.append("no recipients")
-    if not isinstance(received_at, int | float):
-        problems.append("received_at is not a number")
-        received_at = 0.0
-    if not isinstance(size, int):
-        problems.append("size is not an integer")
-        size = 0
-    message = QueuedMessage(
-        id=qid, sender=sender if isinstance(sender, str) else "", params=params,
-        received_at=float(received_at), size=size, held=bool(held),
-        hold_reason=hold_reason if isinstance(hold_reason, str) else "",
-        client_ip=client_ip if isinstance(client_ip, str) else "", helo=helo if isinstance(helo, str) else "",
-        recipients=tuple(recipients), client_port=port, authenticated=auth, tls=tls,
-        warned=bool(warned), kind=kind,
-    )
-    return message, problems
 
 
 def _map_read_error(exc: sqlite3.Error) -> QueueError:
@@ -250,17 +95,17 @@ class SqliteQueue:
         except OSError as exc:
             raise QueueError(f"cannot create spool {self.spool.root}: {exc}") from exc
         if recover:
-            self._take_lock()
+            self._lock_fd = take_lock(self.spool.root)
         conn: sqlite3.Connection | None = None
         try:
             created = not self.db_path.exists()
             conn = self._connect_writer()
-            self._ensure_schema(conn)
+            ensure_schema(conn)
             if created:
                 fsync_dir(self.spool.root)
             if recover:
-                self._recover(conn)
-            return GroupCommitter(self._connect_writer, conn, (_INSERT_MESSAGE, _INSERT_BODY, _INSERT_RECIPIENT))
+                recover_queue(conn, self.spool)
+            return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT))
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -269,44 +114,9 @@ class SqliteQueue:
                 raise QueueError(f"cannot open queue {self.db_path}: {exc}") from exc
             raise
 
-    def _take_lock(self) -> None:
-        path = self.spool.root / "lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise QueueError(f"cannot open {path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise QueueError(
-                    f"spool {self.spool.root} is in use by another mailhop daemon (pid {holder}); "
-                    "only one daemon may run on a spool"
-                ) from None
-            raise QueueError(f"cannot lock {path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def daemon_pid(self) -> int | None:
         """The pid of the daemon running on this spool (it holds the lock), or None when none runs."""
-        path = self.spool.root / "lock"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                return int(text) if text.isdigit() else None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        return lock_holder(self.spool.root)
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
@@ -334,103 +144,6 @@ class SqliteQueue:
         conn = self._connect()
         conn.execute("PRAGMA query_only=ON")
         return conn
-
-    @staticmethod
-    def _ensure_schema(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0] if row else None
-            if version is None:
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
-                raise QueueError(f"queue schema version {version} is newer than this mailhop ({SCHEMA_VERSION})")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _recover(self, conn: sqlite3.Connection) -> None:
-        """Daemon start, under the spool lock: drop unacknowledged bodies, quarantine corrupt messages."""
-        referenced = {
-            row[0] for row in conn.execute("SELECT body_path FROM messages WHERE body_path IS NOT NULL")
-        }
-        orphans = 0
-        for path in self.spool.scan_bodies():
-            if path.relative_to(self.spool.root).as_posix() not in referenced:
-                Spool.remove(path)
-                orphans += 1
-        if orphans:
-            log.info("queue recovery: removed %d body files of messages never committed", orphans)
-
-        corrupt: list[tuple[str, str]] = []
-        messages = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS}, m.body_path, EXISTS (SELECT 1 FROM bodies b WHERE b.id = m.id)"
-            " FROM messages m ORDER BY m.id"
-        )
-        # A second cursor walks the recipients in the same order: a merge join, O(1) memory.
-        rcpts = conn.cursor()
-        rcpts.execute(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r ORDER BY r.msg_id, r.idx")
-        groups = itertools.groupby(rcpts, key=lambda r: r[0])
-        pending: tuple[Any, list[tuple[Any, ...]]] | None = None
-        try:
-            for row in messages:
-                qid = row[0]
-                rows: list[tuple[Any, ...]] = []
-                while True:
-                    if pending is None:
-                        nxt = next(groups, None)
-                        if nxt is None:
-                            break
-                        pending = (nxt[0], list(nxt[1]))
-                    if pending[0] < qid:  # recipients of no message: ignored (delete removes both)
-                        pending = None
-                        continue
-                    if pending[0] == qid:
-                        rows = pending[1]
-                        pending = None
-                    break
-                reason = self._check_message(row, rows)
-                if reason and not (row[5] == 1 and str(row[6]).startswith("corrupt:")):
-                    corrupt.append((qid, reason))
-        finally:
-            rcpts.close()
-            messages.close()
-        if corrupt:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("UPDATE messages SET held = 1, hold_reason = ? WHERE id = ?",
-                             [(f"corrupt: {reason}"[:500], qid) for qid, reason in corrupt])
-            conn.execute("COMMIT")
-            for qid, reason in corrupt:
-                log.error("queue recovery: message %s quarantined (held): %s", qid, reason)
-
-    def _check_message(self, row: tuple[Any, ...], rcpt_rows: list[tuple[Any, ...]]) -> str:
-        try:
-            message, problems = _decode_message(row[:_N_MESSAGE_COLUMNS], rcpt_rows)
-            body_path, has_inline = row[_N_MESSAGE_COLUMNS], row[_N_MESSAGE_COLUMNS + 1]
-            qid = message.id
-            if body_path is None:
-                if not has_inline:
-                    problems.append("inline body missing")
-            elif not isinstance(qid, str) or not is_queue_id(qid) or body_path != Spool.relative_body_path(qid):
-                problems.append(f"unexpected body path {body_path!r}")
-            else:
-                try:
-                    actual = os.stat(self.spool.resolve(body_path)).st_size
-                except FileNotFoundError:
-                    problems.append("body file missing")
-                except OSError as exc:
-                    problems.append(f"body file unreadable: {exc}")
-                else:
-                    if actual != message.size:
-                        problems.append(f"body file has {actual} bytes, expected {message.size}")
-            return "; ".join(problems)
-        except Exception as exc:  # recovery never fails because of one message
-            return f"unreadable row: {type(exc).__name__}: {exc}"
 
     async def stop(self) -> None:
         if self._state not in ("started",):
@@ -470,12 +183,8 @@ class SqliteQueue:
             await self._sync_body(body)
         qid = body.queue_id
         now = self._clock()
-        message_row = (qid, envelope.sender_address, _encode_params(envelope), now, body.size,
-                       envelope.client_ip, envelope.helo, rel_path)
-        recipient_rows = [
-            (qid, i, str(r.mailbox), r.mailbox.domain, r.params.orcpt, ",".join(r.params.notify), now, now)
-            for i, r in enumerate(envelope.recipients)
-        ]
+        message_row = message_insert_row(qid, envelope, now, body.size, rel_path)
+        recipient_rows = recipient_insert_rows(qid, envelope, now)
         assert self._loop is not None
         future: asyncio.Future[str] = self._loop.create_future()
         try:
@@ -578,12 +287,8 @@ class SqliteQueue:
         notice_rows = []
         for env, data in notices:
             nid = new_queue_id()
-            notice_rows.append((
-                (nid, env.sender_address, _encode_params(env), now, len(data), env.client_ip, env.helo, None),
-                (nid, data),
-                [(nid, i, str(r.mailbox), r.mailbox.domain, r.params.orcpt, ",".join(r.params.notify), now, now)
-                 for i, r in enumerate(env.recipients)],
-            ))
+            notice_rows.append((message_insert_row(nid, env, now, len(data), None), (nid, data),
+                                recipient_insert_rows(nid, env, now)))
 
         def op(conn: sqlite3.Connection) -> tuple[bool, Callable[[], None] | None]:
             exists = conn.execute("SELECT body_path FROM messages WHERE id = ?", (queue_id,)).fetchone()
@@ -595,9 +300,9 @@ class SqliteQueue:
             if warned:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (queue_id,))
             for message_row, body_row, recipient_rows in notice_rows:
-                conn.execute(_INSERT_MESSAGE, message_row)
-                conn.execute(_INSERT_BODY, body_row)
-                conn.executemany(_INSERT_RECIPIENT, recipient_rows)
+                conn.execute(INSERT_MESSAGE, message_row)
+                conn.execute(INSERT_BODY, body_row)
+                conn.executemany(INSERT_RECIPIENT, recipient_rows)
             crash_point("during_record")
             open_rcpts = conn.execute(
                 "SELECT count(*) FROM recipients WHERE msg_id = ? AND status IN ('pending', 'deferred')",
@@ -655,15 +360,9 @@ class SqliteQueue:
     def _load(conn: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
         out = []
         for qid in ids:
-            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (qid,)).fetchone()
-            if row is None:
-                continue
-            rcpts = conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id = ? ORDER BY r.idx", (qid,)
-            ).fetchall()
-            message, problems = _decode_message(row, rcpts)
-            if not problems:
-                out.append(message)
+            loaded = load_message(conn, qid)
+            if loaded is not None and not loaded[1]:
+                out.append(loaded[0])
         return out
 
     # --- reads -----------------------------------------------------------------------------------------
@@ -699,13 +398,8 @@ class SqliteQueue:
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         def read(conn: sqlite3.Connection) -> QueuedMessage | None:
-            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (queue_id,)).fetchone()
-            if row is None:
-                return None
-            rcpts = conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id = ? ORDER BY r.idx", (queue_id,)
-            ).fetchall()
-            return _decode_message(row, rcpts)[0]
+            loaded = load_message(conn, queue_id)
+            return None if loaded is None else loaded[0]
 
         return await self._read(read)
 
@@ -729,16 +423,16 @@ class SqliteQueue:
         args.append(-1 if limit is None else max(limit, 0))
 
         def read(conn: sqlite3.Connection) -> list[QueuedMessage]:
-            rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} {selection}", args).fetchall()
+            rows = conn.execute(f"SELECT {MESSAGE_COLUMNS} {selection}", args).fetchall()
             if not rows:
                 return []
             by_id: dict[str, list[tuple[Any, ...]]] = {row[0]: [] for row in rows}
             for r in conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id IN (SELECT m.id {selection})"
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients r WHERE r.msg_id IN (SELECT m.id {selection})"
                 " ORDER BY r.msg_id, r.idx", args
             ):
                 by_id[r[0]].append(r)
-            return [_decode_message(row, by_id[row[0]])[0] for row in rows]
+            return [decode_message(row, by_id[row[0]])[0] for row in rows]
 
         return await self._read(read)
 
