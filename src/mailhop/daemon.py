@@ -8,6 +8,7 @@ writer finishes every commit it has begun. A message either got its 250 or it wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -77,6 +78,12 @@ class Daemon:
         key = lc.key or self.config.tls.key
         ssl_ctx = self.tls.get(cert, key, lc.tls_min_version) if cert is not None and key is not None else None
         implicit = lc.role == "submissions"
+        if lc.max_message_size is not None or lc.max_recipients is not None:
+            limits = dataclasses.replace(
+                limits,
+                max_message_size=lc.max_message_size or limits.max_message_size,
+                max_recipients=lc.max_recipients or limits.max_recipients,
+            )
         settings = ServerSettings(
             hostname=self.config.hostname,
             limits=limits,
@@ -95,6 +102,8 @@ class Daemon:
             role=lc.role,
             auth=self.auth if lc.offers_auth else None,
             require_auth=lc.requires_auth,
+            listener_limiter=ConnectionLimiter(lc.max_connections, lc.max_connections)
+            if lc.max_connections is not None else None,
         )
         return Listener(lc, ctx, implicit_tls=ssl_ctx if implicit else None,
                         handshake_timeout=self.config.limits.command_timeout)

@@ -100,3 +100,24 @@ def test_50_mb_message_does_not_grow_rss_by_its_size(tmp_path: Path) -> None:
         growth_kb = _rss_kb(relay.proc.pid) - before
         print(f"peak RSS growth for a 50 MB message: {growth_kb} kB")
         assert growth_kb < 10 * 1024, f"peak RSS grew by {growth_kb} kB"
+
+
+def test_per_listener_limits(tmp_path: Path) -> None:
+    from .harness import free_port
+
+    port2 = free_port()
+    extra = f'[[listener]]\naddress = "127.0.0.1:{port2}"\nmax_message_size = 2000\nmax_connections = 1\n'
+    with run_relay(tmp_path, extra=extra) as relay:
+        first = Client(relay.host, port2)
+        assert first.reply().startswith("220")
+        first.line("EHLO t")
+        assert "250-SIZE 2000" in first.reply()
+        second = Client(relay.host, port2)
+        assert second.reply().startswith("421 4.7.0")
+        second.close()
+        main = Client(relay.host, relay.port)  # the other listener keeps its own limits
+        assert main.reply().startswith("220")
+        main.line("EHLO t")
+        assert "250-SIZE 52428800" in main.reply()
+        main.close()
+        first.close()

@@ -73,6 +73,15 @@ class ListenerConfig(_Section):
         False,
         description="Accept AUTH without TLS. Only for a loopback address (e.g. local apps); refused elsewhere.",
     )
+    max_message_size: int | None = Field(
+        None, ge=1024, description="This listener's largest message in bytes; default: limits.max_message_size."
+    )
+    max_recipients: int | None = Field(
+        None, ge=100, description="This listener's recipients per message; default: limits.max_recipients."
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Concurrent connections on this listener (within limits.max_connections)."
+    )
 
     @field_validator("address")
     @classmethod

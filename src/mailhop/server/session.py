@@ -78,6 +78,7 @@ class SessionContext:
     role: str = "mx"
     auth: AuthServices | None = None  # None: this listener does not offer AUTH
     require_auth: bool = False  # MAIL needs a successful AUTH first
+    listener_limiter: ConnectionLimiter | None = None  # this listener's own connection cap
 
 
 class SmtpSession(asyncio.Protocol):
@@ -118,7 +119,15 @@ class SmtpSession(asyncio.Protocol):
             self.transport.close()
             self._closed = True
             return
+        own = self.ctx.listener_limiter
+        if own is not None and not own.acquire(""):
+            self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
+            self.transport.close()
+            self._closed = True
+            return
         if not self.ctx.state.limiter.acquire(self.client_ip):
+            if own is not None:
+                own.release("")
             self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
             self.transport.close()
             self._closed = True
@@ -495,6 +504,8 @@ class SmtpSession(asyncio.Protocol):
         if self in self.ctx.state.sessions:
             self.ctx.state.sessions.discard(self)
             self.ctx.state.limiter.release(self.client_ip)
+            if self.ctx.listener_limiter is not None:
+                self.ctx.listener_limiter.release("")
 
     @property
     def idle(self) -> bool:
