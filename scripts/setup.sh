@@ -37,7 +37,7 @@ fi
 
 if [[ $want_test -eq 1 ]]; then
     # postfix: smtp-source/smtp-sink and the reference MTA; swaks: the admin's test client.
-    apt_install postfix swaks ca-certificates
+    apt_install postfix swaks ca-certificates openssl
     extras="[test]"
 else
     extras="[fast]"
