@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import resource
 import signal
 
 from .auth.users import UserStore
@@ -34,6 +35,24 @@ from .smtp import Limits, ServerSettings
 __all__ = ["Daemon"]
 
 log = logging.getLogger("mailhop.daemon")
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it (logged).
+
+    Each SMTP connection holds a descriptor; the usual default soft limit (1024) is below max_connections,
+    and a daemon out of descriptors cannot even accept the connection that would be refused with a 421.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise RLIMIT_NOFILE soft=%d to hard=%d: %s", soft, hard, exc)
+    log.info("RLIMIT_NOFILE soft=%s hard=%s", "unlimited" if soft == resource.RLIM_INFINITY else soft,
+             "unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return soft
 
 
 class Daemon:
@@ -143,6 +162,10 @@ class Daemon:
         # `mailhop queue flush` / `release` poke us with SIGUSR1 so their changes act at once. Installed even
         # with delivery off: SIGUSR1's default action would kill the daemon.
         loop.add_signal_handler(signal.SIGUSR1, self._poke)
+        nofile = raise_nofile_limit()
+        if nofile != resource.RLIM_INFINITY and nofile < self.config.limits.max_connections + 64:
+            log.warning("RLIMIT_NOFILE %d is below limits.max_connections=%d: connections beyond it fail at accept",
+                        nofile, self.config.limits.max_connections)
         await self.queue.start(recover=True)
         watcher = None
         if self.config.tls.reload_interval > 0:

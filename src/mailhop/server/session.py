@@ -182,15 +182,15 @@ class SmtpSession(asyncio.Protocol):
         if out and self.transport is not None and not self._closed:
             self.transport.write(out)
 
-    async def _wait_for_input(self) -> bool:
-        """Wait for more bytes within the core's current timeout; False on timeout."""
+    async def _wait_for_input(self, delay: float) -> bool:
+        """Wait up to ``delay`` seconds for more bytes; False on timeout."""
         self._pending_bytes = 0
         if self._paused and not self._write_paused and self.transport is not None and not self._closed:
             self.transport.resume_reading()
             self._paused = False
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(self.conn.wants_timeout(), self._waiter.cancel)
+        timer = loop.call_later(max(delay, 0.0), self._waiter.cancel)
         self._idle = not self._in_transaction
         try:
             await self._waiter
@@ -219,8 +219,15 @@ class SmtpSession(asyncio.Protocol):
     async def _serve(self) -> None:
         conn = self.conn
         conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
+        loop = asyncio.get_running_loop()
+        # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
+        # that every byte restarts: a slowloris client trickling one byte at a time of a never-ending command
+        # line still gets its 421 4.4.2 after command_timeout.
+        deadline: float | None = None
         while True:
             event = conn.next_event()
+            if event is not NEED_DATA:
+                deadline = None
             if event is NEED_DATA:
                 self._flush()
                 if self._closed:
@@ -228,7 +235,9 @@ class SmtpSession(asyncio.Protocol):
                 if self.ctx.state.shutting_down and not self._in_transaction:
                     self._write_raw(R.SHUTTING_DOWN.to_bytes())
                     return
-                if not await self._wait_for_input():
+                if deadline is None:
+                    deadline = loop.time() + conn.wants_timeout()
+                if not await self._wait_for_input(deadline - loop.time()):
                     self._flush()
                     self._write_raw(conn.timeout_reply().to_bytes())
                     log.info("timeout client=%s", self.client_ip)

@@ -29,6 +29,10 @@ class Limits:
     #: Error replies (4xx/5xx) per connection before the core sends 421 and closes; the precedent is
     #: Postfix's smtpd_hard_error_limit (default 20).
     max_errors: int = 20
+    #: Extra RCPTs past max_recipients are answered 452 4.5.3 (RFC 5321 4.5.3.1.10: the client sends them in
+    #: a later transaction); only past this overshoot do they count as errors (Postfix's
+    #: smtpd_recipient_overshoot_limit), so a client pipelining a long list does not lose the whole session.
+    recipient_overshoot: int = 1000
     #: Digits accepted in a BDAT chunk size or a SIZE value. RFC 1870 size-value is 1*20DIGIT; RFC 3030
     #: sets no chunk size limit beyond the message size, but parsing an unbounded digit string is itself
     #: a denial-of-service (int() is quadratic on huge inputs), so longer numbers are refused.

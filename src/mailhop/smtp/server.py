@@ -94,10 +94,37 @@ class ServerConnection:
     """One SMTP server dialogue without I/O. See the module docstring for the calling pattern."""
 
     __slots__ = (
-        "_auth_aborted", "_auth_limit", "_authenticated", "_bdat", "_chunk_last", "_chunk_refusal",
-        "_chunk_remaining", "_chunk_return", "_chunk_size", "_closed", "_data", "_eof", "_errors", "_extended",
-        "_has_mail", "_in", "_limits", "_mail_params", "_out", "_parser", "_pending", "_pos", "_recipients",
-        "_sender", "_skipping", "_state", "_tls_active", "discarded_after_starttls", "helo", "settings",
+        "_auth_aborted",
+        "_auth_limit",
+        "_authenticated",
+        "_bdat",
+        "_chunk_last",
+        "_chunk_refusal",
+        "_chunk_remaining",
+        "_chunk_return",
+        "_chunk_size",
+        "_closed",
+        "_data",
+        "_eof",
+        "_errors",
+        "_extended",
+        "_has_mail",
+        "_in",
+        "_limits",
+        "_mail_params",
+        "_out",
+        "_overshoot",
+        "_parser",
+        "_pending",
+        "_pos",
+        "_recipients",
+        "_sender",
+        "_skipping",
+        "_state",
+        "_tls_active",
+        "discarded_after_starttls",
+        "helo",
+        "settings",
     )
 
     def __init__(self, settings: ServerSettings) -> None:
@@ -115,6 +142,7 @@ class ServerConnection:
         self._state = _GREETING
         self._pending: Event | None = None
         self._errors = 0
+        self._overshoot = 0  # RCPTs refused for the recipient limit in this transaction
         self._eof = False
         self._closed: ConnectionClosed | None = None
         self._skipping = False  # discarding the rest of an overlong command line
@@ -434,7 +462,8 @@ class ServerConnection:
             return None
         if isinstance(cmd, Rcpt):
             if len(self._recipients) >= self._limits.max_recipients:
-                self._write(R.TOO_MANY_RECIPIENTS)
+                self._overshoot += 1
+                self._write(R.TOO_MANY_RECIPIENTS, counts=self._overshoot > self._limits.recipient_overshoot)
                 return None
             self._pending = cmd
             return cmd
@@ -597,14 +626,15 @@ class ServerConnection:
         self._mail_params = NO_MAIL_PARAMS
         if self._recipients:
             self._recipients = []
+            self._overshoot = 0
         self._data = None
         self._bdat = None
 
-    def _write(self, reply: Reply) -> None:
+    def _write(self, reply: Reply, *, counts: bool = True) -> None:
         """Queue a reply; count errors and close after max_errors of them or after any 421."""
         self._out += _wire(reply)
         code = reply.code
-        if code < 400 or self._state is _CLOSED:
+        if code < 400 or self._state is _CLOSED or not counts:
             return
         if code == 421:
             self._close(f"sent {reply}")
