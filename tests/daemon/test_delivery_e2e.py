@@ -4,8 +4,8 @@ DNS server, deliver to real receivers (Postfix, smtp-sink, the scriptable Receiv
 Every peer listens on the MX port (25 as root, as in production); the daemon asks only the test DNS server.
 Readiness is always a probe or a wait on an observed event, never a fixed sleep.
 
-The daemons here run on the standard asyncio loop (``LOOP``): on uvloop, mailhop's default when installed,
-outbound delivery is broken (see ``test_mx_delivery_on_uvloop``). Once that is fixed, run them on both loops.
+The daemons here run on mailhop's default loop (uvloop when installed); the volume test runs on both loops and
+``test_mx_delivery_on_uvloop`` pins uvloop explicitly (delivery once failed there on a transport type check).
 """
 
 from __future__ import annotations
