@@ -163,6 +163,8 @@ def _decode_params(text: Any) -> tuple[MailParams, int, str | None, bool, str]:
         d = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"params is not JSON ({exc.msg})") from None
+    except RecursionError:  # deeply nested garbage: still just a corrupt row
+        raise ValueError("params is nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError("params is not a JSON object")
     params = MailParams(

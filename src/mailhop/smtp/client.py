@@ -183,7 +183,9 @@ def parse_ehlo(reply: Reply) -> Capabilities:
         keyword = words[0].upper()
         keywords.add(keyword)
         if keyword == "SIZE":
-            size = int(words[1]) if len(words) > 1 and words[1].isdigit() and len(words[1]) < 20 else 0
+            # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
+            arg = words[1] if len(words) > 1 else ""
+            size = int(arg) if arg.isascii() and arg.isdigit() and len(arg) < 20 else 0
         elif keyword == "AUTH":
             auth.update(w.upper() for w in words[1:])
     return Capabilities(

@@ -1,0 +1,1 @@
+"""Fuzz targets for mailhop's untrusted-input parsers (see README.md)."""
