@@ -37,7 +37,8 @@ fi
 
 if [[ $want_test -eq 1 ]]; then
     # postfix: smtp-source/smtp-sink and the reference MTA; swaks: the admin's test client.
-    apt_install postfix swaks ca-certificates openssl
+    # testssl.sh: the protocol/cipher scan in tests/security/test_testssl.py.
+    apt_install postfix swaks ca-certificates openssl testssl.sh
     extras="[test]"
 else
     extras="[fast]"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from .harness import Relay, run_relay
+from tests.daemon.harness import Relay, run_relay
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Client, Relay
+from tests.daemon.harness import Client, Relay
 
 SMUGGLED = b"MAIL FROM:<admin@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n"
 

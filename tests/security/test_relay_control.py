@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Client, Relay
+from tests.daemon.harness import Client, Relay
 
 
 def _rcpt(relay: Relay, *paths: str, utf8: bool = False) -> list[str]:
