@@ -20,7 +20,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["DnsPermanentError", "DnsTemporaryError", "MxRecord", "Resolver"]
+__all__ = ["DnsPermanentError", "DnsTemporaryError", "MxRecord", "Resolver", "split_nameserver"]
 
 
 class DnsTemporaryError(Exception):
@@ -37,7 +37,8 @@ class MxRecord:
     host: str  # lowercase, no trailing dot; "" for the null MX target "."
 
 
-def _split_nameserver(text: str) -> tuple[str, int]:
+def split_nameserver(text: str) -> tuple[str, int]:
+    """ "IP", "IP:PORT" or "[V6]:PORT" -> (address, port); the port defaults to 53. Does not validate the IP."""
     host, sep, port = text.rpartition(":")
     if sep and port.isdigit() and (host.startswith("[") or host.count(":") == 0):
         return host.strip("[]"), int(port)
@@ -58,7 +59,7 @@ class Resolver:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in map(_split_nameserver, nameservers)
+                dns.nameserver.Do53Nameserver(host, port) for host, port in map(split_nameserver, nameservers)
             ]
         else:
             self._resolver = dns.asyncresolver.Resolver()

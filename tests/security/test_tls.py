@@ -67,6 +67,20 @@ class Raw:
         assert not self.buf, f"plaintext left over before TLS: {self.buf!r}"
         self.sock = ctx.wrap_socket(self.sock, server_hostname="relay.example.test")
 
+    def starttls(self, ctx: ssl.SSLContext) -> None:
+        """Greeting, EHLO, STARTTLS (220 expected), then the handshake with ``ctx``."""
+        self.reply()
+        self.send(b"EHLO t\r\nSTARTTLS\r\n")
+        self.reply()
+        assert self.reply().startswith("220 2.0.0")
+        self.upgrade(ctx)
+
+    def peer_name(self) -> str:
+        """The DNS name in the certificate the server presented."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        cert = self.sock.getpeercert()
+        return next(v for k, v in cert["subjectAltName"] if k == "DNS")
+
 
 def test_starttls_advertised_and_works(tls_relay: Relay, ca: trustme.CA) -> None:
     c = Raw(tls_relay)
@@ -78,12 +92,7 @@ def test_starttls_advertised_and_works(tls_relay: Relay, ca: trustme.CA) -> None
 
 def test_starttls_transaction_and_no_readvertise(tls_relay: Relay, ca: trustme.CA) -> None:
     c = Raw(tls_relay)
-    c.reply()
-    c.send(b"EHLO t\r\n")
-    c.reply()
-    c.send(b"STARTTLS\r\n")
-    assert c.reply().startswith("220 2.0.0")
-    c.upgrade(client_ctx(ca))
+    c.starttls(client_ctx(ca))
     c.send(b"EHLO t\r\n")
     ehlo = c.reply()
     assert "STARTTLS" not in ehlo
@@ -127,12 +136,7 @@ def test_starttls_refused_inside_a_transaction(tls_relay: Relay, ca: trustme.CA)
 
 def test_state_reset_after_tls(tls_relay: Relay, ca: trustme.CA) -> None:
     c = Raw(tls_relay)
-    c.reply()
-    c.send(b"EHLO t\r\n")
-    c.reply()
-    c.send(b"STARTTLS\r\n")
-    assert c.reply().startswith("220")
-    c.upgrade(client_ctx(ca))
+    c.starttls(client_ctx(ca))
     # The EHLO before TLS no longer counts: RFC 3207 4.2.
     c.send(b"MAIL FROM:<a@t.test>\r\n")
     assert c.reply().startswith("503 5.5.1")
@@ -169,30 +173,18 @@ def test_starttls_many_handshakes_none_stall(tls_relay: Relay, ca: trustme.CA) -
     for _ in range(60):
         c = Raw(tls_relay)
         c.sock.settimeout(3)
-        c.reply()
-        c.send(b"EHLO t\r\nSTARTTLS\r\n")
-        c.reply()
-        assert c.reply().startswith("220")
-        c.upgrade(ctx)
+        c.starttls(ctx)
         c.send(b"NOOP\r\n")
         assert c.reply().startswith("250")
         c.close()
 
 
-def _peer_name(port: int, ca: trustme.CA) -> str:
-    c = socket.create_connection(("127.0.0.1", port), timeout=5)
-    f = c.makefile("rb")
-    f.readline()
-    c.sendall(b"EHLO t\r\nSTARTTLS\r\n")
-    while not f.readline().startswith(b"250 "):
-        pass
-    assert f.readline().startswith(b"220")
-    f.close()
-    ctx = client_ctx(ca)
-    ctx.check_hostname = False
-    with ctx.wrap_socket(c) as s:
-        cert = s.getpeercert()
-    return next(v for k, v in cert["subjectAltName"] if k == "DNS")
+def _peer_name(relay: Relay, ca: trustme.CA) -> str:
+    c = Raw(relay)
+    c.starttls(_unverified(ca))
+    name = c.peer_name()
+    c.close()
+    return name
 
 
 def test_certificate_reload_on_sighup_keeps_connections(tmp_path: Path, ca: trustme.CA) -> None:
@@ -207,20 +199,16 @@ def test_certificate_reload_on_sighup_keeps_connections(tmp_path: Path, ca: trus
     write("old.example.test")
     extra = '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\nreload_interval = 0\n'
     with run_relay(tmp_path, extra=extra) as relay:
-        assert _peer_name(relay.port, ca) == "old.example.test"
+        assert _peer_name(relay, ca) == "old.example.test"
         kept = Raw(relay)
-        kept.reply()
-        kept.send(b"EHLO t\r\nSTARTTLS\r\n")
-        kept.reply()
-        kept.reply()
-        kept.upgrade(_unverified(ca))
+        kept.starttls(_unverified(ca))
         write("new.example.test")
-        assert _peer_name(relay.port, ca) == "old.example.test"  # no reload without SIGHUP (interval 0)
+        assert _peer_name(relay, ca) == "old.example.test"  # no reload without SIGHUP (interval 0)
         os.kill(relay.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 5
         while "TLS certificate reloaded" not in relay.log() and time.monotonic() < deadline:
             time.sleep(0.02)  # the log line is the signal that the reload ran
-        assert _peer_name(relay.port, ca) == "new.example.test"
+        assert _peer_name(relay, ca) == "new.example.test"
         kept.send(b"NOOP\r\n")  # the connection made before the reload still works
         assert kept.reply().startswith("250")
         kept.close()

@@ -132,11 +132,12 @@ def _simple(name: str, verb: str, done: str, help_text: str) -> None:
     def cmd(config_path: Path, queue_ids: tuple[str, ...]) -> None:
         async def action(b: SqliteQueue) -> list[bool]:
             method = getattr(b, verb)
-            return [await method(qid) for qid in queue_ids]
+            done = [await method(qid) for qid in queue_ids]
+            if verb == "release" and any(done):
+                _poke_daemon(b)
+            return done
 
         results = _run(config_path, action)
-        if verb == "release" and any(results):
-            _poke_daemon(config_path)
         failed = 0
         for qid, ok in zip(queue_ids, results, strict=True):
             click.echo(f"{qid}: {done}" if ok else f"{qid}: not found")
@@ -153,16 +154,17 @@ _simple("release", "release", "released", "Release held messages back to deliver
 @config_option
 def flush_cmd(config_path: Path) -> None:
     """Make every deferred recipient due now (like postqueue -f)."""
-    count = _run(config_path, lambda b: b.flush())
-    woke = _poke_daemon(config_path)
+    async def action(b: SqliteQueue) -> tuple[int, bool]:
+        return await b.flush(), _poke_daemon(b)
+
+    count, woke = _run(config_path, action)
     click.echo(f"{count} recipient(s) scheduled for immediate delivery"
                + ("" if woke else " (no daemon is running: they go when it starts)"))
 
 
-def _poke_daemon(config_path: Path) -> bool:
+def _poke_daemon(backend: SqliteQueue) -> bool:
     """Wake a running daemon's delivery engine (SIGUSR1), so flush and release act now, like postqueue -f."""
-    config = read_config(config_path)
-    pid = SqliteQueue(config.queue.path).daemon_pid()
+    pid = backend.daemon_pid()
     if pid is None:
         return False
     try:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..address import AddressError, canonical_domain
+from ..dns import split_nameserver
 
 __all__ = [
     "AuthConfig",
@@ -245,10 +246,11 @@ class DnsConfig(_Section):
     @classmethod
     def _check_nameservers(cls, value: list[str]) -> list[str]:
         for item in value:
-            host, sep, port = item.rpartition(":")
-            candidate = host.strip("[]") if sep and port.isdigit() and (host.startswith("[") or ":" not in host) else item
             try:
-                ipaddress.ip_address(candidate.strip("[]"))
+                host, port = split_nameserver(item)
+                ipaddress.ip_address(host)
+                if not 0 < port < 65536:
+                    raise ValueError
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or IP:PORT; write e.g. \"127.0.0.1:53\"") from None
         return value

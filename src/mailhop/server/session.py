@@ -93,7 +93,7 @@ class SmtpSession(asyncio.Protocol):
         self.trusted = False
         self.helo = ""
         self.extended = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._closed = False
         self._paused = False
         self._write_paused = False
@@ -102,7 +102,6 @@ class SmtpSession(asyncio.Protocol):
         self._body_error: Reply | None = None
         self._headers: HeaderScanner | None = None
         self._task: asyncio.Task[None] | None = None
-        self._in_transaction = False
         self._idle = False
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
@@ -173,9 +172,8 @@ class SmtpSession(asyncio.Protocol):
 
     # -- the session loop -------------------------------------------------------------------------------------------
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _settle(self._waiter, True)
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
@@ -190,19 +188,10 @@ class SmtpSession(asyncio.Protocol):
             self._paused = False
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(max(delay, 0.0), self._waiter.cancel)
-        self._idle = not self._in_transaction
+        timer = loop.call_later(max(delay, 0.0), _settle, self._waiter, False)
+        self._idle = not self.conn.in_transaction
         try:
-            await self._waiter
-            return True
-        except asyncio.CancelledError:
-            if self._waiter.cancelled() and not timer.cancelled():
-                # Our timer fired (not an outside cancellation of the task).
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-                return False
-            raise
+            return await self._waiter
         finally:
             timer.cancel()
             self._waiter = None
@@ -232,7 +221,7 @@ class SmtpSession(asyncio.Protocol):
                 self._flush()
                 if self._closed:
                     return
-                if self.ctx.state.shutting_down and not self._in_transaction:
+                if self.ctx.state.shutting_down and not self.conn.in_transaction:
                     self._write_raw(R.SHUTTING_DOWN.to_bytes())
                     return
                 if deadline is None:
@@ -248,9 +237,7 @@ class SmtpSession(asyncio.Protocol):
             elif isinstance(event, Rcpt):
                 conn.send(self._on_rcpt(event))
             elif isinstance(event, Mail):
-                reply = self._on_mail(event)
-                self._in_transaction = reply.is_positive
-                conn.send(reply)
+                conn.send(self._on_mail(event))
             elif isinstance(event, (AuthStart, AuthResponse)):
                 if not await self._on_auth(event):
                     return
@@ -261,17 +248,14 @@ class SmtpSession(asyncio.Protocol):
                 self._start_body(bdat=event.bdat)
             elif isinstance(event, DataEnd):
                 conn.send(await self._end_body(event))
-                self._in_transaction = False
             elif isinstance(event, BdatChunkEnd):
                 conn.send(self._body_error or Reply(250, "2.0.0", f"{event.size} octets received"))
             elif isinstance(event, Ehlo):
                 self.helo, self.extended = event.hostname, event.extended
                 self._drop_body()
-                self._in_transaction = False
                 conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
             elif isinstance(event, Reset):
                 self._drop_body()
-                self._in_transaction = False
             elif isinstance(event, StartTls):
                 if not await self._start_tls():
                     return
@@ -493,7 +477,6 @@ class SmtpSession(asyncio.Protocol):
         self.user = None  # RFC 3207: nothing from before the handshake survives it
         self._auth = None
         self._drop_body()
-        self._in_transaction = False
         return True
 
     # -- closing ----------------------------------------------------------------------------------------------------
@@ -516,18 +499,10 @@ class SmtpSession(asyncio.Protocol):
             if self.ctx.listener_limiter is not None:
                 self.ctx.listener_limiter.release("")
 
-    @property
-    def idle(self) -> bool:
-        """True while waiting for a command outside a transaction: safe to close at shutdown."""
-        return self._idle
-
     def shutdown(self) -> None:
         """Ask the session to close at its next safe point (between transactions)."""
         if self._idle:
-            self._wake_shutdown()
-
-    def _wake_shutdown(self) -> None:
-        self._wake()
+            self._wake()
 
     def abort(self) -> None:
         """Close now, whatever the state (after the shutdown grace period)."""
@@ -540,3 +515,9 @@ class SmtpSession(asyncio.Protocol):
     @property
     def task(self) -> asyncio.Task[None] | None:
         return self._task
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    """Resolve the session's input waiter once: True when input (or a wake-up) came, False on timeout."""
+    if not waiter.done():
+        waiter.set_result(value)
