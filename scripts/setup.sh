@@ -38,7 +38,9 @@ fi
 if [[ $want_test -eq 1 ]]; then
     # postfix: smtp-source/smtp-sink and the reference MTA; swaks: the admin's test client.
     # testssl.sh: the protocol/cipher scan in tests/security/test_testssl.py.
-    apt_install postfix swaks ca-certificates openssl testssl.sh
+    # rspamd, opendkim(-tools): the real content filter (HTTP and milter) and DKIM milter/verifier peers.
+    apt_install postfix swaks libnet-ssleay-perl libio-socket-ssl-perl ca-certificates openssl testssl.sh \
+        rspamd opendkim opendkim-tools
     extras="[test]"
 else
     extras="[fast]"
@@ -49,4 +51,13 @@ if [[ ! -e "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e ".${extras}"
     touch "$stamp"
+fi
+
+if [[ $want_test -eq 1 && ! -e .venv/vectors/.done ]]; then
+    # The upstream test vectors the check tests replay through mailhop: pyspf's RFC 7208 suite and dkimpy's
+    # signed messages and keys ship only in their source distributions, so fetch those from the registry.
+    mkdir -p .venv/vectors
+    .venv/bin/python -m pip download -q --no-binary :all: --no-deps -d .venv/vectors pyspf==2.0.14 dkimpy==1.1.8
+    for f in .venv/vectors/*.tar.gz; do tar xzf "$f" -C .venv/vectors; done
+    touch .venv/vectors/.done
 fi

@@ -14,6 +14,7 @@ import resource
 import signal
 
 from .auth.users import UserStore
+from .checks.registry import CheckRegistry
 from .config.schema import Config, ListenerConfig
 from .delivery.bounce import Notifier
 from .delivery.engine import DeliveryEngine
@@ -64,6 +65,9 @@ class Daemon:
         self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
         self.relay = RelayPolicy(config.relay.trusted_networks, config.relay.domains)
         self.tls = TlsContexts()
+        # The one resolver: policy checks and delivery share its cache and its nameserver configuration.
+        self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout, lifetime=config.dns.lifetime)
+        self.checks = CheckRegistry(config.checks, self.resolver)
         self.state = ServerState(limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip))
         limits = Limits(
             max_command_line=lim.max_command_line,
@@ -123,6 +127,10 @@ class Daemon:
             require_auth=lc.requires_auth,
             listener_limiter=ConnectionLimiter(lc.max_connections, lc.max_connections)
             if lc.max_connections is not None else None,
+            chain=self.checks.chain(self.config.listener_checks(lc)),
+            resolver=self.resolver,
+            authserv_id=self.config.checks.authserv_id or self.config.hostname,
+            max_scan_size=self.config.checks.max_scan_size,
         )
         return Listener(lc, ctx, implicit_tls=ssl_ctx if implicit else None,
                         handshake_timeout=self.config.limits.command_timeout)
@@ -141,8 +149,7 @@ class Daemon:
             data_timeout=d.data_timeout,
             max_rcpts_per_transaction=d.max_recipients_per_transaction,
         )
-        resolver = Resolver(self.config.dns.nameservers, timeout=self.config.dns.timeout,
-                            lifetime=self.config.dns.lifetime)
+        resolver = self.resolver
         policy = RetryPolicy(first_retry=d.first_retry, max_interval=d.max_retry_interval,
                              lifetime=d.max_queue_lifetime, delay_warning=d.delay_warning_time)
         endpoints = [(h, p) for ls in self.listeners for h, p in ls.sockets]
@@ -192,6 +199,7 @@ class Daemon:
                 watcher.cancel()
             if self.auth is not None:
                 await self.auth.users.aclose()
+            await self.checks.aclose()
             await self.queue.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)

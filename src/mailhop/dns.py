@@ -86,12 +86,25 @@ class Resolver:
             raise DnsTemporaryError(f"{name} {rdtype}: timeout") from None
         except dns.exception.DNSException as exc:
             raise DnsTemporaryError(f"{name} {rdtype}: {exc.__class__.__name__}") from None
-        records = [rr.to_text() for rr in answer.rrset] if answer.rrset is not None else []
+        if answer.rrset is None:
+            records: list[str] = []
+        elif rdtype == "TXT":  # joined raw strings: to_text() would quote and escape them
+            records = [b"".join(rr.strings).decode("latin-1") for rr in answer.rrset]
+        else:
+            records = [rr.to_text() for rr in answer.rrset]
         ttl = answer.rrset.ttl if answer.rrset is not None else 60
         self._cache[key] = (now + min(max(ttl, 0), 3600), records)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return records
+
+    async def records(self, name: str, rdtype: str) -> list[str]:
+        """Any record type in presentation form (cached); [] for NODATA. For checks that need e.g. PTR."""
+        return await self._query(name, rdtype)
+
+    async def txt(self, name: str) -> list[bytes]:
+        """TXT records, each record's character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2); [] for NODATA."""
+        return [rec.encode("latin-1") for rec in await self._query(name, "TXT")]
 
     async def mx(self, domain: str) -> list[MxRecord]:
         """MX records of a domain, unsorted; [] when it has none."""

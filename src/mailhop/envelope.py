@@ -52,6 +52,7 @@ class Envelope:
     authenticated: str | None = None
     tls: bool = False
     kind: str = ""  # "" ordinary mail; "postmaster": an undeliverable notice handed to the postmaster (never again)
+    hold_reason: str = ""  # non-empty: queue the message held (e.g. "quarantine: rspamd: ..."), not for delivery
 
     @property
     def sender_address(self) -> str:

@@ -11,6 +11,8 @@ Helpers (``make_envelope``, ``queue_message``, ``read_all``) are importable for 
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
@@ -260,6 +262,19 @@ async def test_hold_and_release(backend: QueueBackend) -> None:
     assert await backend.hold(qid) is True
     m = await backend.get(qid)
     assert m is not None and m.hold_reason == "admin"
+
+
+@pytest.mark.anyio
+async def test_accept_held_for_quarantine(backend: QueueBackend) -> None:
+    env = dataclasses.replace(make_envelope(), hold_reason="quarantine: rspamd: score 9.1")
+    qid = await queue_message(backend, envelope=env)
+    m = await backend.get(qid)
+    assert m is not None and (m.held, m.hold_reason) == (True, "quarantine: rspamd: score 9.1")
+    assert qid not in [d.id for d in await backend.due(limit=10)]
+    assert await backend.next_due() is None
+    assert [h.id for h in await backend.list(held=True)] == [qid]
+    assert await backend.release(qid) is True
+    assert qid in [d.id for d in await backend.due(limit=10)]
 
 
 @pytest.mark.anyio

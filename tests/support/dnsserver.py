@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -81,8 +82,9 @@ class TestDns:
         logger = _QuietLogger()
         self._udp = DNSServer(resolver, address=host, port=port, handler=_Handler, logger=logger)
         self._tcp = DNSServer(resolver, address=host, port=port, tcp=True, handler=_Handler, logger=logger)
-        self._udp.start_thread()
-        self._tcp.start_thread()
+        # serve_forever with a short poll: stop() (shutdown) waits for one poll, 0.5 s by default, per server.
+        for server in (self._udp, self._tcp):
+            threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @property
     def nameserver(self) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import click
 
+from ..checks.registry import CheckError, load_callable
 from .common import config_option, read_config
+from .quarantine_cmds import quarantine
 from .queue_cmds import queue
 from .tls_cmds import tls
 from .users_cmds import users
@@ -58,6 +61,16 @@ def serve(config_path: Path, loop: str) -> None:
 def check_config(config_path: Path) -> None:
     """Validate the configuration; exit 0 when valid, 78 with each offending key named otherwise."""
     config = read_config(config_path)
+    problems = []
+    for i, cc in enumerate(config.checks.custom):
+        try:
+            load_callable(cc.callable)
+        except CheckError as exc:
+            problems.append(f"checks.custom[{i}].callable: {exc}")
+    if problems:
+        for line in problems:
+            click.echo(f"{config_path}: {line}", err=True)
+        sys.exit(78)
     listeners = ", ".join(f"{lc.address} ({lc.role})" for lc in config.listener)
     click.echo(f"{config_path}: OK")
     click.echo(f"  hostname: {config.hostname}")
@@ -65,6 +78,8 @@ def check_config(config_path: Path) -> None:
     click.echo(f"  spool: {config.queue.path}")
     click.echo(f"  served domains: {', '.join(config.relay.domains) or '(none)'}")
     click.echo(f"  trusted networks: {', '.join(config.relay.trusted_networks) or '(none)'}")
+    for lc in config.listener:
+        click.echo(f"  checks on {lc.address}: {', '.join(config.listener_checks(lc)) or '(none)'}")
 
 
 @main.command("config-reference")
@@ -91,5 +106,6 @@ def sendmail_cmd(args: tuple[str, ...]) -> None:
 
 
 main.add_command(queue)
+main.add_command(quarantine)
 main.add_command(users)
 main.add_command(tls)

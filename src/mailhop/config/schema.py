@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..address import AddressError, canonical_domain
 from ..dns import split_nameserver
+from .checks import ChecksConfig, DkimConfig
 
 __all__ = [
     "AuthConfig",
@@ -82,6 +83,11 @@ class ListenerConfig(_Section):
     )
     max_connections: int | None = Field(
         None, ge=1, description="Concurrent connections on this listener (within limits.max_connections)."
+    )
+    checks: list[str] | None = Field(
+        None,
+        description='Names of the [checks] run on this listener, e.g. ["spf", "dkim", "dmarc", "rspamd"]. Default: '
+        'every enabled check on "mx" listeners; only "ratelimit" (if enabled) on submission listeners.',
     )
 
     @field_validator("address")
@@ -367,6 +373,8 @@ class Config(_Section):
         default_factory=list,
         description="One [[route]] per group of recipient domains: MX delivery or a smarthost. Unmatched: MX.",
     )
+    checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Policy checks on incoming mail.")
+    dkim: DkimConfig = Field(default_factory=DkimConfig, description="DKIM signing of outgoing mail.")
 
     @field_validator("hostname")
     @classmethod
@@ -388,6 +396,28 @@ class Config(_Section):
                 raise ValueError(f"listener address {item.address} appears twice")
             seen.add(item.host_port)
         return value
+
+    def listener_checks(self, lc: ListenerConfig) -> list[str]:
+        """The names of the checks a listener runs, in chain order."""
+        enabled = self.checks.enabled_names()
+        if lc.checks is not None:
+            return [name for name in enabled if name in lc.checks]
+        if lc.role == "mx":
+            return enabled
+        return [name for name in enabled if name == "ratelimit"]
+
+    @model_validator(mode="after")
+    def _listener_checks_exist(self) -> Config:
+        enabled = set(self.checks.enabled_names())
+        for i, lc in enumerate(self.listener):
+            for name in lc.checks or ():
+                if name not in enabled:
+                    raise ValueError(f"listener[{i}].checks names {name!r}, which is not an enabled check; enable "
+                                     f"it under [checks] (enabled: {', '.join(sorted(enabled)) or 'none'})")
+            names = self.listener_checks(lc)
+            if "dmarc" in names and not {"spf", "dkim"} <= set(names):
+                raise ValueError(f"listener[{i}].checks: dmarc needs spf and dkim on the same listener")
+        return self
 
     @model_validator(mode="after")
     def _tls_for_submission(self) -> Config:

@@ -10,7 +10,7 @@ import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-__all__ = ["HeaderScanner", "received_header"]
+__all__ = ["HeaderScanner", "field_values", "received_header"]
 
 _RECEIVED = re.compile(rb"(?:^|\r?\n)received[ \t]*:", re.IGNORECASE)
 
@@ -22,6 +22,7 @@ class HeaderScanner:
     def __init__(self, max_header_bytes: int = 1024 * 1024) -> None:
         self._buf = bytearray()
         self._max = max_header_bytes
+        self.truncated = False  # the header section was longer than max_header_bytes; ``block`` is its start
         self.done = False
         self.received_count = 0
         self.block = b""
@@ -35,6 +36,7 @@ class HeaderScanner:
         if self._buf.startswith(b"\r\n"):
             end = 0
         if end >= 0 or len(self._buf) >= self._max:
+            self.truncated = end < 0
             self.block = bytes(self._buf[: end if end >= 0 else self._max])
             self.received_count = len(_RECEIVED.findall(self.block))
             self.done = True
@@ -50,13 +52,18 @@ class HeaderScanner:
 
     def field(self, name: str) -> list[str]:
         """Every value of header field ``name`` (unfolded, decoded leniently), in order."""
-        out = []
-        pattern = re.compile(rb"(?:^|\r?\n)" + re.escape(name.encode()) + rb"[ \t]*:(.*?)(?=\r?\n[^ \t]|\Z)",
-                             re.IGNORECASE | re.DOTALL)
-        for m in pattern.finditer(self.block):
-            value = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip()
-            out.append(value.decode("utf-8", "replace"))
-        return out
+        return field_values(self.block, name)
+
+
+def field_values(block: bytes, name: str) -> list[str]:
+    """Every value of header field ``name`` in a header block (unfolded, decoded leniently), in order."""
+    out = []
+    pattern = re.compile(rb"(?:^|\r?\n)" + re.escape(name.encode()) + rb"[ \t]*:(.*?)(?=\r?\n[^ \t]|\r?\n?\Z)",
+                         re.IGNORECASE | re.DOTALL)
+    for m in pattern.finditer(block):
+        value = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip()
+        out.append(value.decode("utf-8", "replace"))
+    return out
 
 
 def received_header(

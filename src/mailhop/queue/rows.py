@@ -70,8 +70,8 @@ SCHEMA = (
 )
 
 INSERT_MESSAGE = (
-    "INSERT INTO messages (id, sender, params, received_at, size, client_ip, helo, body_path)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, sender, params, received_at, size, client_ip, helo, body_path, held, hold_reason)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_BODY = "INSERT INTO bodies (id, data) VALUES (?, ?)"
 INSERT_RECIPIENT = (
@@ -135,7 +135,8 @@ def encode_params(env: Envelope) -> str:
 
 def message_insert_row(qid: str, env: Envelope, now: float, size: int, body_path: str | None) -> tuple[Any, ...]:
     """The parameters of ``INSERT_MESSAGE``; ``body_path`` None: the body goes in ``bodies``."""
-    return (qid, env.sender_address, encode_params(env), now, size, env.client_ip, env.helo, body_path)
+    return (qid, env.sender_address, encode_params(env), now, size, env.client_ip, env.helo, body_path,
+            1 if env.hold_reason else 0, env.hold_reason)
 
 
 def recipient_insert_rows(qid: str, env: Envelope, now: float) -> list[tuple[Any, ...]]:

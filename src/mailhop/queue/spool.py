@@ -217,6 +217,62 @@ class BodyWriter:
             Spool.remove(self._path)
         self._buf = bytearray()
 
+    def read_back(self, offset: int = 0) -> bytes:
+        """The body written so far from ``offset`` (for content checks before the commit). Blocking for a
+        file-backed body: run it in a thread then."""
+        self._check_open()
+        if self._path is None:
+            return bytes(self._buf[offset:])
+        with open(self._path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+
+    def replace_head(self, old_len: int, new_head: bytes) -> None:
+        """Replace the first ``old_len`` bytes with ``new_head`` (header edits made by policy checks).
+
+        Inline bodies are edited in memory. A file-backed body is rewritten into a new file (the new head, then
+        the rest copied in the kernel) that is renamed over the old one: a crash in between leaves only
+        files without a committed row, which recovery removes. Blocking for a file-backed body: run it in a
+        thread then."""
+        self._check_open()
+        if self._path is None:
+            self._buf[:old_len] = new_head
+            self._size = len(self._buf)
+            if len(self._buf) > self._inline_max:
+                self._spill()
+            return
+        tmp = self._path.with_name(self._path.name + ".edit")
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._fail(exc, "create edited body")
+        try:
+            view = memoryview(new_head)
+            while view:
+                view = view[write(out, view):]
+            with open(self._path, "rb") as src:
+                src.seek(old_len)
+                remaining = self._size - old_len
+                while remaining > 0:
+                    n = os.copy_file_range(src.fileno(), out, min(remaining, 1 << 30))
+                    if n == 0:
+                        break
+                    remaining -= n
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            os.close(out)
+            Spool.remove(tmp)
+            self._fail(exc, "write edited body")
+        os.close(self._fd)
+        self._fd = out
+        self._size = self._size - old_len + len(new_head)
+
+    def _check_open(self) -> None:
+        if self._state is not _OPEN:
+            if self._error is not None:
+                raise type(self._error)(self._error.detail)
+            raise QueueError(f"body {self.queue_id} is {self._state}")
+
     def abort(self) -> None:
         """Discard the body (idempotent). Not for a writer already handed to ``accept``."""
         if self._state is _OPEN or self._state is _FAILED:

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from ..checks.api import Action, CheckContext, Phase
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
+from .checkflow import apply_header_edits, read_for_checks
 from ..policy.submission import check_from_header, check_mail, check_recipient_count
 from ..reply import R, Reply
 from ..smtp import (
@@ -42,6 +44,8 @@ from .authflow import AuthExchange, AuthOutcome, AuthServices
 
 if TYPE_CHECKING:
     from ..auth.users import User
+    from ..checks.chain import PolicyChain
+    from ..dns import Resolver
     from ..policy.relay import RelayPolicy
     from ..queue.backend import QueueBackend
     from ..queue.spool import BodyWriter
@@ -79,6 +83,10 @@ class SessionContext:
     auth: AuthServices | None = None  # None: this listener does not offer AUTH
     require_auth: bool = False  # MAIL needs a successful AUTH first
     listener_limiter: ConnectionLimiter | None = None  # this listener's own connection cap
+    chain: PolicyChain | None = None  # this listener's policy checks (None: none)
+    resolver: Resolver | None = None
+    authserv_id: str = ""  # for Authentication-Results; forged fields claiming it are removed
+    max_scan_size: int = 10 * 1024 * 1024  # content checks see messages up to this size
 
 
 class SmtpSession(asyncio.Protocol):
@@ -106,6 +114,8 @@ class SmtpSession(asyncio.Protocol):
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
         self._auth: AuthExchange | None = None
+        self.checks: CheckContext | None = None  # set when the listener has a policy chain
+        self._received = b""  # our Received: field, the first bytes of the stored body
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,6 +217,8 @@ class SmtpSession(asyncio.Protocol):
 
     async def _serve(self) -> None:
         conn = self.conn
+        if self.ctx.chain is not None and not await self._start_checks(self.ctx.chain):
+            return
         conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
         loop = asyncio.get_running_loop()
         # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
@@ -235,9 +247,9 @@ class SmtpSession(asyncio.Protocol):
             if isinstance(event, DataChunk):
                 self._on_chunk(event.data)
             elif isinstance(event, Rcpt):
-                conn.send(self._on_rcpt(event))
+                conn.send(await self._on_rcpt(event))
             elif isinstance(event, Mail):
-                conn.send(self._on_mail(event))
+                conn.send(await self._on_mail(event))
             elif isinstance(event, (AuthStart, AuthResponse)):
                 if not await self._on_auth(event):
                     return
@@ -253,9 +265,13 @@ class SmtpSession(asyncio.Protocol):
             elif isinstance(event, Ehlo):
                 self.helo, self.extended = event.hostname, event.extended
                 self._drop_body()
+                if self.checks is not None:
+                    await self._on_helo(self.checks, event.hostname)
                 conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
             elif isinstance(event, Reset):
                 self._drop_body()
+                if self.checks is not None:
+                    self.checks.reset_transaction()
             elif isinstance(event, StartTls):
                 if not await self._start_tls():
                     return
@@ -290,6 +306,8 @@ class SmtpSession(asyncio.Protocol):
             self._auth = None
         if outcome.user is not None:
             self.user = outcome.user
+            if self.checks is not None:
+                self.checks.user = outcome.user.name
         self.conn.send(outcome.reply)
         if outcome.close:
             self._flush()
@@ -297,7 +315,7 @@ class SmtpSession(asyncio.Protocol):
             return False
         return True
 
-    def _on_mail(self, event: Mail) -> Reply:
+    async def _on_mail(self, event: Mail) -> Reply:
         services = self.ctx.auth
         reply = check_mail(
             user=self.user,
@@ -309,13 +327,82 @@ class SmtpSession(asyncio.Protocol):
         if not reply.is_positive and self.user is not None:
             log.info("MAIL refused client=%s user=%s sender=<%s>: %s", self.client_ip, self.user.name,
                      event.sender or "", reply)
+        if reply.is_positive and self.checks is not None and self.ctx.chain is not None:
+            return await self._check_mail(self.ctx.chain, self.checks, event, reply)
         return reply
 
-    def _on_rcpt(self, event: Rcpt) -> Reply:
+    async def _on_rcpt(self, event: Rcpt) -> Reply:
         reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted, authenticated=self.user is not None)
         if reply is None:
             reply = check_recipient_count(self.user, len(self.conn.transaction.recipients))
+        if reply is None and self.checks is not None and self.ctx.chain is not None:
+            reply = await self._check_rcpt(self.ctx.chain, self.checks, str(event.recipient.mailbox))
         return reply or R.RCPT_OK
+
+    # -- policy checks ----------------------------------------------------------------------------------------------
+    async def _start_checks(self, chain: PolicyChain) -> bool:
+        """Set up the check context and run the connect phase; False when the connection is refused (421)."""
+        self.checks = ctx = CheckContext(client_ip=self.client_ip, client_port=self.client_port, role=self.ctx.role,
+                                         trusted=self.trusted, resolver=self.ctx.resolver,
+                                         tls=self.conn.tls_active)
+        if not chain.has(Phase.CONNECT):
+            return True
+        verdict = await chain.run(Phase.CONNECT, ctx)
+        if verdict.action is Action.TEMPFAIL and verdict.reply is not None:
+            log.info("connection refused client=%s: %s", self.client_ip, verdict.reason)
+            reply = verdict.reply if verdict.reply.code == 421 else Reply(421, verdict.reply.enhanced or "4.7.0",
+                                                                          verdict.reply.text)
+            self._write_raw(reply.to_bytes())
+            return False
+        if verdict.action is Action.REJECT:
+            # Enforced at MAIL, not at the greeting: an authenticated user on a listed dynamic address may still
+            # send, and the refused envelope is logged (postscreen's "enforce").
+            ctx.connect_verdict = verdict
+        return True
+
+    async def _on_helo(self, ctx: CheckContext, hostname: str) -> None:
+        ctx.helo = hostname
+        ctx.reset_transaction()
+        chain = self.ctx.chain
+        if chain is not None and chain.has(Phase.HELO):
+            verdict = await chain.run(Phase.HELO, ctx)
+            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                ctx.session["helo_verdict"] = verdict  # enforced at MAIL, like a connect refusal
+
+    async def _check_mail(self, chain: PolicyChain, ctx: CheckContext, event: Mail, ok: Reply) -> Reply:
+        ctx.reset_transaction()
+        ctx.sender = "" if event.sender is None else str(event.sender)
+        ctx.tls = self.conn.tls_active
+        if self.user is None:
+            for early in (ctx.connect_verdict, ctx.session.get("helo_verdict")):
+                if early is not None and early.reply is not None:
+                    log.info("MAIL refused client=%s sender=<%s>: %s", self.client_ip, ctx.sender, early.reason)
+                    return cast(Reply, early.reply)
+        if not chain.has(Phase.MAIL):
+            return ok
+        verdict = await chain.run(Phase.MAIL, ctx)
+        if verdict.action is Action.DISCARD:
+            ctx.results["discard"] = verdict.reason
+        elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            log.info("MAIL refused client=%s sender=<%s>: %s", self.client_ip, ctx.sender, verdict.reason)
+            ctx.reset_transaction()
+            return verdict.reply
+        return ok
+
+    async def _check_rcpt(self, chain: PolicyChain, ctx: CheckContext, recipient: str) -> Reply | None:
+        ctx.recipient = recipient
+        if chain.has(Phase.RCPT):
+            verdict = await chain.run(Phase.RCPT, ctx)
+            if verdict.action is Action.DISCARD:
+                ctx.results["discard"] = verdict.reason
+            elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                log.info("RCPT refused client=%s sender=<%s> rcpt=<%s>: %s", self.client_ip, ctx.sender, recipient,
+                         verdict.reason)
+                ctx.recipient = None
+                return verdict.reply
+        ctx.recipient = None
+        ctx.recipients.append(recipient)
+        return None
 
     def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
         services, user = self.ctx.auth, self.user
@@ -339,8 +426,7 @@ class SmtpSession(asyncio.Protocol):
                 proto += "S"
             if self.user is not None:
                 proto += "A"  # RFC 3848
-            body.write(
-                received_header(
+            received = received_header(
                     helo=self.helo,
                     client_ip=self.client_ip,
                     hostname=self.ctx.settings.hostname,
@@ -350,7 +436,8 @@ class SmtpSession(asyncio.Protocol):
                     user=self.user.name if self.user is not None and self.ctx.auth is not None
                     and self.ctx.auth.received_shows_user else None,
                 )
-            )
+            body.write(received)
+            self._received = received
         except QueueFullError:
             self.conn.send(R.INSUFFICIENT_STORAGE)
             return
@@ -394,6 +481,32 @@ class SmtpSession(asyncio.Protocol):
         if refused is not None:
             body.abort()
             return refused
+        hold_reason = ""
+        checks = self.checks
+        if checks is not None and self.ctx.chain is not None:
+            refused = await self._check_data(self.ctx.chain, checks, body, headers, event.size)
+            if refused is not None:
+                body.abort()
+                checks.reset_transaction()
+                return refused
+            if "discard" in checks.results:
+                body.abort()
+                log.info("discarded id=%s from=<%s> client=%s: %s", body.queue_id, checks.sender, self.client_ip,
+                         checks.results["discard"])
+                checks.reset_transaction()
+                return Reply(250, "2.0.0", f"Ok: queued as {body.queue_id}")
+            if checks.quarantine_reason:
+                hold_reason = f"quarantine: {checks.quarantine_reason}"
+        try:
+            await apply_header_edits(body, self._received, headers, checks, self.ctx.authserv_id)
+        except QueueFullError:
+            body.abort()
+            return R.INSUFFICIENT_STORAGE
+        except QueueError:
+            body.abort()
+            return R.LOCAL_ERROR
+        if checks is not None:
+            checks.reset_transaction()
         tx = self.conn.transaction
         assert tx is not None
         envelope = Envelope(
@@ -405,6 +518,7 @@ class SmtpSession(asyncio.Protocol):
             client_port=self.client_port,
             tls=self.conn.tls_active,
             authenticated=self.user.name if self.user is not None else None,
+            hold_reason=hold_reason,
         )
         try:
             queue_id = await self.ctx.queue.accept(envelope, body)
@@ -419,14 +533,39 @@ class SmtpSession(asyncio.Protocol):
         if self.user is not None and self.ctx.auth is not None:
             self.ctx.auth.rate.record(self.user.name, self.user.max_messages_per_hour)
         log.info(
-            "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
+            "queued id=%s from=<%s> nrcpt=%d size=%d client=%s%s",
             queue_id,
             envelope.sender_address,
             len(envelope.recipients),
             event.size,
             self.client_ip,
+            f" held={hold_reason!r}" if hold_reason else "",
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    async def _check_data(self, chain: PolicyChain, ctx: CheckContext, body: BodyWriter, headers: HeaderScanner,
+                          size: int) -> Reply | None:
+        """The data phase of the checks; the refusal to send, or None to go on."""
+        if not chain.has(Phase.DATA):
+            return None
+        ctx.queue_id = body.queue_id
+        ctx.header_block = headers.block
+        ctx.size = size
+        try:
+            ctx.message = await read_for_checks(body, len(self._received), self.ctx.max_scan_size)
+        except QueueError:
+            return R.LOCAL_ERROR
+        if ctx.message is None:
+            log.info("not scanned id=%s size=%d over checks.max_scan_size", body.queue_id, size)
+        verdict = await chain.run(Phase.DATA, ctx)
+        ctx.message = None  # the bytes are not needed past the checks; free them before the commit wait
+        if verdict.action is Action.DISCARD:
+            ctx.results["discard"] = verdict.reason
+        elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            log.info("message refused id=%s from=<%s> client=%s: %s", body.queue_id, ctx.sender, self.client_ip,
+                     verdict.reason)
+            return verdict.reply
+        return None
 
     def _drop_body(self, *, keep_error: bool = False) -> None:
         if self._body is not None:
@@ -475,6 +614,10 @@ class SmtpSession(asyncio.Protocol):
             )
         self.helo = ""
         self.user = None  # RFC 3207: nothing from before the handshake survives it
+        if self.checks is not None:
+            self.checks.helo, self.checks.user, self.checks.tls = "", None, True
+            self.checks.session.pop("helo_verdict", None)
+            self.checks.reset_transaction()
         self._auth = None
         self._drop_body()
         return True

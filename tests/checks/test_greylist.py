@@ -1,0 +1,206 @@
+"""Greylisting: the triplet lifecycle on a stepped clock, network keys, bypasses, auto-allow and bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailhop.checks.api import Action, CheckContext, Phase, Verdict
+from mailhop.checks.chain import PolicyChain
+from mailhop.checks.greylist import GreylistCheck, MemoryGreylistStore, Triplet, normal_sender, triplet_key
+from mailhop.config.checks import GreylistConfig
+
+pytestmark = pytest.mark.anyio
+
+DELAY, WINDOW, EXPIRE = 300.0, 3600.0, 86400.0
+IP = "192.0.2.10"
+SENDER, RCPT = "alice@sender.test", "bob@dest.test"
+
+
+class Clock:
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Rig:
+    def __init__(self, *, auto_allow_after: int = 0, skip_networks: tuple[str, ...] = (),
+                 max_entries: int = 1_000_000) -> None:
+        self.clock = Clock()
+        self.store = MemoryGreylistStore(max_entries=max_entries)
+        cfg = GreylistConfig(enabled=True, delay=DELAY, retry_window=WINDOW, expire=EXPIRE,
+                             auto_allow_after=auto_allow_after, skip_networks=list(skip_networks))
+        self.check = GreylistCheck(cfg, self.store, clock=self.clock)
+
+    async def rcpt(self, ip: str = IP, sender: str = SENDER, rcpt: str = RCPT, *, user: str | None = None,
+                   trusted: bool = False) -> Verdict | None:
+        ctx = CheckContext(client_ip=ip, user=user, trusted=trusted, sender=sender, recipient=rcpt)
+        return await self.check.rcpt(ctx)
+
+    def step(self, seconds: float) -> None:
+        self.clock.t += seconds
+
+
+def greylisted(verdict: Verdict | None, seconds: int | None = None) -> bool:
+    if verdict is None or verdict.action is not Action.TEMPFAIL or verdict.reply is None:
+        return False
+    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.1")
+    if seconds is not None:
+        assert verdict.reply.text == f"Greylisted, please try again in {seconds} seconds"
+    return True
+
+
+async def test_lifecycle() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt(), 300)
+    r.step(100)
+    assert greylisted(await r.rcpt(), 200)  # an early retry keeps the first-seen time
+    r.step(199.5)
+    assert greylisted(await r.rcpt(), 1)
+    r.step(0.5)
+    assert await r.rcpt() is None  # exactly at the end of the delay
+    r.step(EXPIRE - 1)
+    assert await r.rcpt() is None  # remembered, and the use refreshes the expiry
+    r.step(EXPIRE - 1)
+    assert await r.rcpt() is None
+    r.step(EXPIRE + 1)
+    assert greylisted(await r.rcpt(), 300)  # unused for longer than expire: new again
+
+
+async def test_missed_retry_window_starts_over() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt(), 300)
+    r.step(DELAY + WINDOW - 0.5)
+    assert await r.rcpt() is None  # the window's last moments still count
+    r2 = Rig()
+    assert greylisted(await r2.rcpt())
+    r2.step(DELAY + WINDOW)
+    assert greylisted(await r2.rcpt(), 300)  # treated as new: the full delay again
+    r2.step(DELAY)
+    assert await r2.rcpt() is None
+
+
+async def test_triplet_parts_each_matter() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt())
+    r.step(DELAY)
+    assert await r.rcpt() is None
+    assert await r.rcpt(sender="ALICE@Sender.TEST", rcpt="Bob@DEST.test") is None  # compared lowercased
+    assert greylisted(await r.rcpt(sender="carol@sender.test"), 300)
+    assert greylisted(await r.rcpt(rcpt="dave@dest.test"), 300)
+    assert greylisted(await r.rcpt(ip="192.0.3.10"), 300)  # another /24
+
+
+async def test_retry_from_the_same_ipv4_slash_24_passes() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt(ip="192.0.2.10"))
+    r.step(DELAY)
+    assert await r.rcpt(ip="192.0.2.200") is None
+    assert await r.rcpt(ip="::ffff:192.0.2.77") is None  # a dual-stack socket's view of the same network
+
+
+async def test_ipv6_is_keyed_by_slash_64() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt(ip="2001:db8:1:2::1"))
+    r.step(DELAY)
+    assert await r.rcpt(ip="2001:db8:1:2:ffff:ee:dd:9") is None
+    assert greylisted(await r.rcpt(ip="2001:db8:1:3::1"))
+
+
+async def test_null_sender_is_greylisted_too() -> None:
+    r = Rig()
+    assert greylisted(await r.rcpt(sender=""))
+    r.step(DELAY)
+    assert await r.rcpt(sender="") is None
+
+
+async def test_per_message_sender_tags_do_not_defeat_the_triplet() -> None:
+    assert normal_sender("prvs=0123abcd=Alice@Sender.test") == "alice@sender.test"
+    assert normal_sender("bounce-12345-bob=dest.test@list.test") == "bounce-#-bob=dest.test@list.test"
+    assert normal_sender("") == ""
+    assert triplet_key("192.0.2.0/24", "bounce-1@list.test", RCPT) == triplet_key("192.0.2.0/24",
+                                                                                 "bounce-99@list.test", RCPT)
+    r = Rig()
+    assert greylisted(await r.rcpt(sender="prvs=1111aaaa=alice@sender.test"))
+    r.step(DELAY)
+    assert await r.rcpt(sender="prvs=2222bbbb=alice@sender.test") is None
+
+
+async def test_authenticated_trusted_and_skip_networks_bypass() -> None:
+    r = Rig(skip_networks=("198.51.100.0/24", "2001:db8:ffff::/48"))
+    assert await r.rcpt(user="alice") is None
+    assert await r.rcpt(trusted=True) is None
+    assert await r.rcpt(ip="198.51.100.7") is None
+    assert await r.rcpt(ip="2001:db8:ffff:1::5") is None
+    assert len(r.store) == 0  # bypassed attempts leave no state
+    assert greylisted(await r.rcpt(ip="198.51.101.7"))
+
+
+def test_bad_skip_network_is_a_config_error() -> None:
+    cfg = GreylistConfig(enabled=True, skip_networks=["192.0.2.0/24", "nonsense"])
+    with pytest.raises(ValueError, match=r"skip_networks.*nonsense"):
+        GreylistCheck(cfg, MemoryGreylistStore())
+
+
+async def test_auto_allow_after_n_passed_triplets() -> None:
+    r = Rig(auto_allow_after=2)
+    for rcpt in ("a@dest.test", "b@dest.test"):
+        assert greylisted(await r.rcpt(rcpt=rcpt))
+    r.step(DELAY)
+    assert await r.rcpt(rcpt="a@dest.test") is None
+    assert greylisted(await r.rcpt(rcpt="c@dest.test"))  # one pass so far: not yet allowed
+    assert await r.rcpt(rcpt="b@dest.test") is None
+    assert await r.rcpt(ip="192.0.2.99", rcpt="new@dest.test") is None  # the whole /24 is allowed now
+    assert greylisted(await r.rcpt(ip="192.0.3.1", rcpt="new@dest.test"))  # but not its neighbour
+    r.step(EXPIRE - 1)
+    assert await r.rcpt(rcpt="another@dest.test") is None  # sending keeps the allowance alive
+    r.step(EXPIRE + 1)
+    assert greylisted(await r.rcpt(rcpt="yet-another@dest.test"))  # idle for longer than expire: lapsed
+
+
+async def test_repeated_passes_of_one_triplet_count_once() -> None:
+    r = Rig(auto_allow_after=2)
+    assert greylisted(await r.rcpt())
+    r.step(DELAY)
+    for _ in range(5):
+        assert await r.rcpt() is None
+    assert greylisted(await r.rcpt(rcpt="other@dest.test"))
+
+
+async def test_store_is_bounded_and_evicts_pending_before_passed() -> None:
+    r = Rig(max_entries=3)
+    assert greylisted(await r.rcpt(rcpt="proven@dest.test"))
+    r.step(DELAY)
+    assert await r.rcpt(rcpt="proven@dest.test") is None
+    for n in range(5):  # a spammer rotating senders
+        assert greylisted(await r.rcpt(sender=f"s{'abcde'[n]}@spam.test"))
+    assert len(r.store) == 3
+    r.step(DELAY)
+    assert await r.rcpt(rcpt="proven@dest.test") is None  # the proven triplet survived
+    assert greylisted(await r.rcpt(sender="sa@spam.test"), 300)  # the oldest pending one was evicted
+    assert await r.rcpt(sender="se@spam.test") is None  # the newest pending one was kept
+
+
+async def test_expired_entries_are_purged_on_write() -> None:
+    store = MemoryGreylistStore()
+    for n in range(10):
+        await store.put(f"k{n}", Triplet(0.0, False), expires=100.0, now=0.0)
+    assert len(store) == 10
+    assert await store.get("k5", now=100.0) is None  # never returns an expired entry
+    await store.put("fresh", Triplet(200.0, False), expires=500.0, now=200.0)
+    assert len(store) == 1
+    many = MemoryGreylistStore()
+    for n in range(100):
+        await many.put(f"k{n}", Triplet(0.0, True), expires=100.0, now=0.0)
+    await many.put("fresh", Triplet(200.0, True), expires=500.0, now=200.0)
+    assert len(many) == 101 - MemoryGreylistStore.PURGE_BUDGET  # a bounded amount of work per write
+
+
+async def test_runs_in_the_chain_at_rcpt() -> None:
+    r = Rig()
+    chain = PolicyChain([r.check])
+    assert chain.has(Phase.RCPT) and not chain.has(Phase.CONNECT)
+    ctx = CheckContext(client_ip=IP, sender=SENDER, recipient=RCPT)
+    verdict = await chain.run(Phase.RCPT, ctx)
+    assert verdict.action is Action.TEMPFAIL and verdict.reply is not None and verdict.reply.code == 451
