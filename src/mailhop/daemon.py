@@ -31,6 +31,7 @@ from .server.authflow import AuthServices
 from .server.listener import ConnectionLimiter, Listener
 from .server.session import ServerState, SessionContext
 from .server.tls import TlsContexts
+from .signing.outbound import OutboundSigner
 from .smtp import Limits, ServerSettings
 
 __all__ = ["Daemon"]
@@ -92,6 +93,8 @@ class Daemon:
             )
         self.listeners = [self._listener(lc, limits) for lc in config.listener]
         self.router = Router(config.route)  # reads smarthost password files now: a bad one fails at start
+        # Loads every DKIM key now: a bad key file fails at start, naming the file.
+        self.signer = OutboundSigner(config.dkim, self.relay.is_trusted) if config.dkim.sign else None
         self.engine: DeliveryEngine | None = None
         self.pool: ConnectionPool | None = None
         self._stop = asyncio.Event()
@@ -157,7 +160,7 @@ class Daemon:
             self.queue, self.router, resolver, transport,
             Notifier(hostname=self.config.hostname, postmaster=d.postmaster),
             policy=policy, mx_port=d.mx_port, local_endpoints=endpoints, max_connections=d.max_connections,
-            max_per_destination=d.max_connections_per_destination, batch_size=d.batch_size,
+            max_per_destination=d.max_connections_per_destination, batch_size=d.batch_size, signer=self.signer,
         )
 
     async def run(self) -> None:

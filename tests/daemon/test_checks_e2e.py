@@ -78,7 +78,7 @@ def cli(relay: Relay, *args: str) -> subprocess.CompletedProcess[str]:
 def stored(relay: Relay, queue_id: str) -> bytes:
     out = subprocess.run([sys.executable, "-m", "mailhop.cli", "queue", "show", queue_id, "--body", "--config",
                           str(relay.config)], capture_output=True, timeout=60, check=True)
-    return out.stdout.split(b"}\n", 1)[1]
+    return out.stdout.split(b"\n}\n\n", 1)[1]  # the JSON envelope (indented), a blank line, the message
 
 
 def queued_id(final: str) -> str:

@@ -10,6 +10,7 @@ import click
 
 from ..checks.registry import CheckError, load_callable
 from .common import config_option, read_config
+from .dkim_cmds import dkim
 from .quarantine_cmds import quarantine
 from .queue_cmds import queue
 from .tls_cmds import tls
@@ -107,5 +108,6 @@ def sendmail_cmd(args: tuple[str, ...]) -> None:
 
 main.add_command(queue)
 main.add_command(quarantine)
+main.add_command(dkim)
 main.add_command(users)
 main.add_command(tls)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..address import AddressError, canonical_domain
 
 __all__ = [
+    "CHECK_NAMES",
     "ArcConfig",
     "ChecksConfig",
     "CustomCheckConfig",
@@ -27,7 +28,6 @@ __all__ = [
     "RateRuleConfig",
     "RspamdConfig",
     "SpfConfig",
-    "CHECK_NAMES",
 ]
 
 # The built-in checks, in their default order: cheap connection checks first, content filters last.

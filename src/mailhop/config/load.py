@@ -50,7 +50,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         for lc in config.listener
     ]
     tls = config.tls.model_copy(update={"certificate": absolute(config.tls.certificate), "key": absolute(config.tls.key)})
-    return config.model_copy(update={"queue": queue, "tls": tls, "route": routes, "listener": listeners})
+    sign = [s.model_copy(update={"key_file": absolute(s.key_file)}) for s in config.dkim.sign]
+    dkim = config.dkim.model_copy(update={"sign": sign})
+    return config.model_copy(update={"queue": queue, "tls": tls, "route": routes, "listener": listeners, "dkim": dkim})
 
 
 def load_config(path: str | Path) -> Config:
@@ -79,6 +81,10 @@ def load_config(path: str | Path) -> Config:
             file = getattr(lc, name)
             if file is not None and not file.is_file():
                 problems.append(f"{path}: listener[{i}].{name}: file {file} does not exist")
+    for i, entry in enumerate(config.dkim.sign):
+        if not entry.key_file.is_file():
+            problems.append(f"{path}: dkim.sign[{i}].key_file: file {entry.key_file} does not exist; make one with "
+                            f"`mailhop dkim keygen --domain {entry.domain} --selector {entry.selector}`")
     for i, route in enumerate(config.route):
         if route.password_file is not None and not route.password_file.is_file():
             problems.append(f"{path}: route[{i}].password_file: file {route.password_file} does not exist")

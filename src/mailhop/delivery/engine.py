@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..dns import DnsPermanentError, DnsTemporaryError, Resolver
 from ..envelope import Envelope
@@ -40,6 +40,9 @@ from .bounce import NoticeItem, Notifier
 from .mx import MxFailure, plan_mx
 from .throttle import Throttle
 from .transport import Candidate, Destination, Outcome, OutcomeKind, Transport
+
+if TYPE_CHECKING:
+    from ..signing.outbound import OutboundSigner
 
 __all__ = ["DeliveryEngine"]
 
@@ -75,7 +78,9 @@ class DeliveryEngine:
         batch_size: int = 200,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        signer: OutboundSigner | None = None,
     ) -> None:
+        self.signer = signer  # DKIM-signs trusted outgoing mail (None: no [[dkim.sign]])
         self.queue = queue
         self.router = router
         self.resolver = resolver
@@ -191,9 +196,11 @@ class DeliveryEngine:
         async def open_body() -> BinaryIO:
             return await self.queue.open_body(message.id)
 
+        opener = open_body if self.signer is None else await self.signer.open_signed(message, open_body)
+
         async with self.throttle.slot(destination.key):
             try:
-                outcomes = await self.transport.deliver(destination, message, group.recipients, open_body)
+                outcomes = await self.transport.deliver(destination, message, group.recipients, opener)
             except Exception as exc:
                 log.exception("transport error delivering %s to %s", message.id, destination.key)
                 reply = Reply(451, "4.3.0", f"Local error in delivery: {type(exc).__name__}")

@@ -18,7 +18,6 @@ from ..checks.api import Action, CheckContext, Phase
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
-from .checkflow import apply_header_edits, read_for_checks
 from ..policy.submission import check_from_header, check_mail, check_recipient_count
 from ..reply import R, Reply
 from ..smtp import (
@@ -41,6 +40,7 @@ from ..smtp import (
     StartTls,
 )
 from .authflow import AuthExchange, AuthOutcome, AuthServices
+from .checkflow import apply_header_edits, read_for_checks
 
 if TYPE_CHECKING:
     from ..auth.users import User
