@@ -68,7 +68,7 @@ class Daemon:
         self.tls = TlsContexts()
         # The one resolver: policy checks and delivery share its cache and its nameserver configuration.
         self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout, lifetime=config.dns.lifetime)
-        self.checks = CheckRegistry(config.checks, self.resolver)
+        self.checks = CheckRegistry(config.checks, self.resolver, hostname=config.hostname)
         self.state = ServerState(limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip))
         limits = Limits(
             max_command_line=lim.max_command_line,

@@ -23,6 +23,10 @@ import dns.resolver
 __all__ = ["DnsPermanentError", "DnsTemporaryError", "MxRecord", "Resolver", "split_nameserver"]
 
 
+NEGATIVE_TTL = 60.0  # seconds an NXDOMAIN answer is remembered
+_NXDOMAIN: list[str] = []  # the cache's marker for a name that does not exist (compared by identity)
+
+
 class DnsTemporaryError(Exception):
     """SERVFAIL, timeout or another failure a later retry may cure."""
 
@@ -73,12 +77,17 @@ class Resolver:
         key = (name.lower(), rdtype)
         hit = self._cache.get(key)
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > now and hit[1] is not _NXDOMAIN:
             self._cache.move_to_end(key)
             return hit[1]
+        if hit is not None and hit[0] > now and hit[1] is _NXDOMAIN:
+            raise DnsPermanentError(f"{name}: no such domain")
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
+            # Negative answers are cached too (RFC 2308), briefly: a spammer's random HELO names and missing
+            # DKIM keys would otherwise cost a query per message.
+            self._store(key, now + NEGATIVE_TTL, _NXDOMAIN)
             raise DnsPermanentError(f"{name}: no such domain") from None
         except dns.resolver.NoNameservers as exc:
             raise DnsTemporaryError(f"{name} {rdtype}: servers failed ({exc})") from None
@@ -93,10 +102,13 @@ class Resolver:
         else:
             records = [rr.to_text() for rr in answer.rrset]
         ttl = answer.rrset.ttl if answer.rrset is not None else 60
-        self._cache[key] = (now + min(max(ttl, 0), 3600), records)
+        self._store(key, now + min(max(ttl, 0), 3600), records)
+        return records
+
+    def _store(self, key: tuple[str, str], expires: float, records: list[str]) -> None:
+        self._cache[key] = (expires, records)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return records
 
     async def records(self, name: str, rdtype: str) -> list[str]:
         """Any record type in presentation form (cached); [] for NODATA. For checks that need e.g. PTR."""

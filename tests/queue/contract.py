@@ -11,9 +11,8 @@ Helpers (``make_envelope``, ``queue_message``, ``read_all``) are importable for 
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any

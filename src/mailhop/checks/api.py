@@ -214,6 +214,9 @@ class Check:
 
     name: str = "check"
     requires: tuple[str, ...] = ()  # names of checks whose results this one reads (run first, same phase or earlier)
+    # A check with its own, longer timeouts (a milter, rspamd) raises the chain's deadline for itself to this, so
+    # its own timeout and error policy act first; the chain's deadline stays the outer bound.
+    deadline: float = 0.0
 
     async def connect(self, ctx: CheckContext) -> Verdict | None:
         return None

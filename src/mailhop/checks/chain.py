@@ -111,10 +111,11 @@ class PolicyChain:
 
     async def _run_one(self, check: Check, phase: Phase, ctx: CheckContext) -> Verdict | None:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(max(self.timeout, check.deadline)):
                 return await check.hook(phase)(ctx)
         except TimeoutError:
-            log.warning("check %s timed out after %.1fs at %s client=%s", check.name, self.timeout, phase, ctx.client_ip)
+            log.warning("check %s timed out after %.1fs at %s client=%s", check.name,
+                        max(self.timeout, check.deadline), phase, ctx.client_ip)
         except Exception:
             log.exception("check %s failed at %s client=%s", check.name, phase, ctx.client_ip)
         if self.on_error == "tempfail":

@@ -41,9 +41,10 @@ def load_callable(spec: str) -> Hook:
 class CheckRegistry:
     """Instantiates each enabled check once, on first use."""
 
-    def __init__(self, config: ChecksConfig, resolver: Resolver) -> None:
+    def __init__(self, config: ChecksConfig, resolver: Resolver, hostname: str | None = None) -> None:
         self.config = config
         self.resolver = resolver
+        self.hostname = hostname
         self._built: dict[str, Check] = {}
 
     def get(self, name: str) -> Check:
@@ -99,7 +100,7 @@ class CheckRegistry:
             if m.name == name:
                 from .milter import MilterCheck
 
-                return MilterCheck(m)
+                return MilterCheck(m, hostname=self.hostname)
         for cc in c.custom:
             if cc.name == name:
                 return _custom(cc)

@@ -114,6 +114,7 @@ class SmtpSession(asyncio.Protocol):
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
         self._auth: AuthExchange | None = None
+        self._auth_mechanism = ""
         self.checks: CheckContext | None = None  # set when the listener has a policy chain
         self._received = b""  # our Received: field, the first bytes of the stored body
 
@@ -296,6 +297,7 @@ class SmtpSession(asyncio.Protocol):
             return True
         if isinstance(event, AuthStart):
             self._auth = AuthExchange(services, self.client_ip, event.mechanism)
+            self._auth_mechanism = event.mechanism
             outcome: AuthOutcome = await self._auth.start(event.initial)
         else:
             if self._auth is None:
@@ -308,6 +310,7 @@ class SmtpSession(asyncio.Protocol):
             self.user = outcome.user
             if self.checks is not None:
                 self.checks.user = outcome.user.name
+                self.checks.session["auth_mechanism"] = self._auth_mechanism
         self.conn.send(outcome.reply)
         if outcome.close:
             self._flush()
