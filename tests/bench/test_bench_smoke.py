@@ -62,3 +62,12 @@ def test_accept_smoke_prints_the_accept_table_only() -> None:
     assert proc.returncode == 0, output
     assert ACCEPT_LINE.search(proc.stdout), output
     assert len(ANY_ROW.findall(proc.stdout)) == 1, output
+
+
+@pytest.mark.timeout(120)
+def test_checks_smoke_runs_both_configurations() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.checks", "--smoke"], cwd=REPO, capture_output=True,
+                          text=True, timeout=110, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert re.search(r"checks off: \d+ msgs/s +SPF\+DKIM\+DMARC on: \d+ msgs/s", proc.stdout), output

@@ -265,3 +265,53 @@ def test_greylisting_then_pass_on_retry(tmp_path: Path) -> None:
         assert replies[0].startswith("451 4.7.1") and "Greylisted" in replies[0]
         replies, final = send(relay, "hi")
         assert replies[0].startswith("250") and final.startswith("250")
+
+
+# -- real content filters through the daemon ----------------------------------------------------------------------
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def send_body(relay: Relay, body: str) -> str:
+    c = Client(relay.host, relay.port)
+    try:
+        c.reply()
+        for cmd in ("EHLO client.test", "MAIL FROM:<alice@sender.test>", "RCPT TO:<user@example.test>", "DATA"):
+            c.line(cmd)
+            c.reply()
+        c.send(("From: <alice@sender.test>\r\nTo: <user@example.test>\r\nSubject: test\r\n"
+                f"Message-ID: <{abs(hash(body))}@sender.test>\r\n\r\n{body}\r\n.\r\n").encode())
+        return c.reply()
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def rspamd() -> Iterator[object]:
+    from tests.conftest import require_program
+    from tests.support.rspamd import Rspamd
+
+    with Rspamd(require_program("rspamd")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("integration", ["http", "milter"])
+def test_rspamd_rejects_gtube_and_scores_clean_mail(tmp_path: Path, rspamd: object, integration: str) -> None:
+    from tests.support.rspamd import Rspamd
+
+    assert isinstance(rspamd, Rspamd)
+    if integration == "http":
+        extra = f'[checks.rspamd]\nenabled = true\nurl = "{rspamd.url}"\n'
+    else:
+        extra = f'[[checks.milter]]\nname = "rspamd-milter"\naddress = "{rspamd.milter}"\n'
+    with run_relay(tmp_path, extra=extra) as relay:
+        final = send_body(relay, f"This is spam.\r\n{GTUBE}")
+        assert final.startswith("554 5.7.1"), final
+        final = send_body(relay, "Hello Bob, the meeting moved to Tuesday at ten. See you there.")
+        body = stored(relay, queued_id(final))
+        head = body.partition(b"\r\n\r\n")[0]
+        if integration == "http":
+            assert b"\r\nX-Spam-Score: " in head and b"\r\nX-Spam-Action: no action" in head
+        else:
+            assert b"\r\nX-Spamd-Result: " in head or b"\r\nX-Spam-Status: " in head, head
+        assert len(relay.queue_ids()) == 1

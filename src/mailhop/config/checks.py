@@ -226,8 +226,11 @@ class ChecksConfig(_Section):
             raise ValueError("checks.dmarc needs checks.spf.enabled = true and checks.dkim.enabled = true")
         names = [m.name for m in self.milter] + [c.name for c in self.custom]
         for name in names:
-            if name in CHECK_NAMES or names.count(name) > 1:
-                raise ValueError(f"check name {name!r} is used twice or is a built-in check's name")
+            if name in CHECK_NAMES:
+                raise ValueError(f"check name {name!r} is a built-in check's name; choose another, e.g. "
+                                 f"\"{name}-milter\"")
+            if names.count(name) > 1:
+                raise ValueError(f"check name {name!r} is used by two [[checks.milter]]/[[checks.custom]] tables")
         return self
 
     def enabled_names(self) -> list[str]:
