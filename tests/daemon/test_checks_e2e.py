@@ -183,6 +183,21 @@ def test_unimportable_custom_check_is_a_config_error(tmp_path: Path) -> None:
     assert "checks.custom[0].callable" in out.stderr and "no_such_module_here" in out.stderr
 
 
+def test_unreadable_dkim_key_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-key.pem").write_text("hello\n")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        hostname = "relay.example.test"
+        [[dkim.sign]]
+        domain = "example.org"
+        selector = "s1"
+        key_file = "{tmp_path / 'not-a-key.pem'}"
+    """))
+    out = subprocess.run([sys.executable, "-m", "mailhop.cli", "check-config", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78 and "dkim.sign[0].key_file" in out.stderr and "PEM" in out.stderr
+
+
 def test_forged_authentication_results_with_our_id_are_removed(tmp_path: Path) -> None:
     # No checks configured: the forged field claiming our authserv-id (the hostname) still goes.
     with run_relay(tmp_path) as relay:

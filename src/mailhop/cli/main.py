@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..checks.registry import CheckError, load_callable
+from ..signing.keys import load_private_key
 from .common import config_option, read_config
 from .dkim_cmds import dkim
 from .quarantine_cmds import quarantine
@@ -68,6 +69,11 @@ def check_config(config_path: Path) -> None:
             load_callable(cc.callable)
         except CheckError as exc:
             problems.append(f"checks.custom[{i}].callable: {exc}")
+    for i, entry in enumerate(config.dkim.sign):
+        try:
+            load_private_key(entry.key_file)
+        except (OSError, ValueError) as exc:
+            problems.append(f"dkim.sign[{i}].key_file: {exc}")
     if problems:
         for line in problems:
             click.echo(f"{config_path}: {line}", err=True)
