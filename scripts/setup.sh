@@ -40,7 +40,7 @@ if [[ $want_test -eq 1 ]]; then
     # testssl.sh: the protocol/cipher scan in tests/security/test_testssl.py.
     # rspamd, opendkim(-tools): the real content filter (HTTP and milter) and DKIM milter/verifier peers.
     apt_install postfix swaks libnet-ssleay-perl libio-socket-ssl-perl ca-certificates openssl testssl.sh \
-        rspamd opendkim opendkim-tools iproute2 util-linux
+        rspamd opendkim opendkim-tools iproute2 util-linux strace gcc libc6-dev
     extras="[test]"
 else
     extras="[fast]"

@@ -24,6 +24,7 @@ from .dns import Resolver
 from .policy.authlimit import AuthLimiter
 from .policy.relay import RelayPolicy
 from .policy.userlimits import UserRateLimiter
+from .queue.health import watch as watch_spool
 from .queue.schedule import RetryPolicy
 from .queue.sqlite import SqliteQueue
 from .routing import Router
@@ -33,6 +34,7 @@ from .server.session import ServerState, SessionContext
 from .server.tls import TlsContexts
 from .signing.outbound import OutboundSigner
 from .smtp import Limits, ServerSettings
+from .workers import shard_path
 
 __all__ = ["Daemon"]
 
@@ -60,7 +62,14 @@ def raise_nofile_limit() -> int:
 class Daemon:
     """Owns the queue, the listeners and the sessions."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int | None = None) -> None:
+        """``worker``: this process is worker I of ``config.workers`` (mailhop.workers): it serves spool shard I
+        and binds its listeners with SO_REUSEPORT beside the other workers."""
+        self.worker = worker
+        self.users_root = config.queue.path  # users.db is shared by every worker: it stays at the spool root
+        if worker is not None:
+            config = config.model_copy(update={"queue": config.queue.model_copy(
+                update={"path": shard_path(config.queue.path, worker)})})
         self.config = config
         lim = config.limits
         self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
@@ -69,7 +78,8 @@ class Daemon:
         # The one resolver: policy checks and delivery share its cache and its nameserver configuration.
         self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout, lifetime=config.dns.lifetime)
         self.checks = CheckRegistry(config.checks, self.resolver, hostname=config.hostname)
-        self.state = ServerState(limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip))
+        self.state = ServerState(limiter=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip),
+                                 health=self.queue.health)
         limits = Limits(
             max_command_line=lim.max_command_line,
             max_text_line=lim.max_text_line,
@@ -83,7 +93,7 @@ class Daemon:
         if any(lc.offers_auth for lc in config.listener):
             a = config.auth
             self.auth = AuthServices(
-                users=UserStore.for_spool(config.queue.path, cache_ttl=a.cache_ttl),
+                users=UserStore.for_spool(self.users_root, cache_ttl=a.cache_ttl),
                 limiter=AuthLimiter(max_failures=a.max_failures, window=a.failure_window, penalty=a.penalty),
                 rate=UserRateLimiter(),
                 failure_delay=a.failure_delay,
@@ -136,7 +146,7 @@ class Daemon:
             max_scan_size=self.config.checks.max_scan_size,
         )
         return Listener(lc, ctx, implicit_tls=ssl_ctx if implicit else None,
-                        handshake_timeout=self.config.limits.command_timeout)
+                        handshake_timeout=self.config.limits.command_timeout, reuse_port=self.worker is not None)
 
     def _build_engine(self) -> DeliveryEngine:
         d = self.config.delivery
@@ -177,6 +187,9 @@ class Daemon:
             log.warning("RLIMIT_NOFILE %d is below limits.max_connections=%d: connections beyond it fail at accept",
                         nofile, self.config.limits.max_connections)
         await self.queue.start(recover=True)
+        # Brings the spool back to ok after a storage error, without which sessions would get 421 forever.
+        prober = loop.create_task(watch_spool(self.queue.health, self.queue.probe,
+                                              self.config.queue.health_probe_interval))
         watcher = None
         if self.config.tls.reload_interval > 0:
             watcher = loop.create_task(self._watch_certificates(self.config.tls.reload_interval))
@@ -189,7 +202,8 @@ class Daemon:
                 self.state.on_queued = self.engine.wake
                 engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
-            log.info("ready listeners=%s spool=%s", addresses, self.config.queue.path)
+            log.info("ready listeners=%s spool=%s%s", addresses, self.config.queue.path,
+                     f" worker={self.worker}" if self.worker is not None else "")
             await self._stop.wait()
             await self._shutdown()
             if self.engine is not None and engine_task is not None:
@@ -198,6 +212,7 @@ class Daemon:
             if self.pool is not None:
                 await self.pool.close()
         finally:
+            prober.cancel()
             if watcher is not None:
                 watcher.cancel()
             if self.auth is not None:

@@ -67,13 +67,15 @@ class Relay:
 
 
 def write_config(tmp: Path, port: int, extra: str = "", host: str = "127.0.0.1", domains: str = '["example.test"]',
-                 trusted: str = '["127.0.0.0/8", "::1/128"]') -> Path:
+                 trusted: str = '["127.0.0.0/8", "::1/128"]', top: str = "") -> Path:
+    """``top``: top-level keys (before any table, e.g. ``workers = 2``); ``extra``: tables appended."""
     cfg = tmp / "mailhop.toml"
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cfg.write_text(
         textwrap.dedent(
             f"""
             hostname = "relay.example.test"
+            {top}
             [[listener]]
             address = "{addr}"
             role = "mx"
@@ -96,10 +98,10 @@ def write_config(tmp: Path, port: int, extra: str = "", host: str = "127.0.0.1",
 @contextmanager
 def run_relay(tmp: Path, *, extra: str = "", host: str = "127.0.0.1", trusted: str = '["127.0.0.0/8", "::1/128"]',
               domains: str = '["example.test"]', env: dict[str, str] | None = None,
-              expect_exit: int | None = 0, loop: str = "auto") -> Iterator[Relay]:
+              expect_exit: int | None = 0, loop: str = "auto", top: str = "") -> Iterator[Relay]:
     """Start ``mailhop serve``, wait for its readiness line (never a sleep), yield it, SIGTERM it on exit."""
     port = free_port(host)
-    cfg = write_config(tmp, port, extra, host=host, domains=domains, trusted=trusted)
+    cfg = write_config(tmp, port, extra, host=host, domains=domains, trusted=trusted, top=top)
     relay = start_relay(cfg, host, port, tmp / "spool", env=env, loop=loop)
     try:
         yield relay

@@ -302,3 +302,13 @@ def test_encoder_is_fast_enough() -> None:
         for _piece in encode_data(chunks):
             pass
     assert time.perf_counter() - start < 2.0  # ~10 MB; C-speed replaces take a few ms per MB
+
+
+def test_buffered_counts_raw_octets_of_pending_lines() -> None:
+    p = ReplyParser()
+    assert p.feed(b"250-\r\n") == []
+    assert p.buffered == 6  # an empty continuation line is still a reply in progress
+    assert p.feed(b"250-mx\r\n250 ") == []
+    assert p.buffered == 6 + 8 + 4
+    assert p.discard() == 18 and p.buffered == 0
+    assert [r.code for r in p.feed(b"220 Ready\r\n")] == [220] and p.buffered == 0

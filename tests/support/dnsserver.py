@@ -1,7 +1,8 @@
 """A scriptable authoritative DNS server on loopback (dnslib), for tests that resolve through real DNS.
 
 Records are given as zone-file lines; faults per name: SERVFAIL, no answer at all (the client times out),
-truncation (TC bit over UDP, forcing TCP) and NXDOMAIN for names not in any zone we serve.
+truncation (TC bit over UDP, forcing TCP) and NXDOMAIN for names not in any zone we serve. Every query is
+recorded (``zone.queries``), so a test can tell e.g. that a name was asked again over TCP.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dnslib import QTYPE, RCODE, RR, DNSRecord
+from dnslib import QTYPE, RCODE, RR, DNSError, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 
@@ -22,6 +23,8 @@ class Zone:
     servfail: set[str] = field(default_factory=set)
     drop: set[str] = field(default_factory=set)
     truncate: set[str] = field(default_factory=set)
+    #: Every query received, in order: (name without the trailing dot, type, "udp" or "tcp").
+    queries: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, *lines: str) -> None:
         for line in lines:
@@ -33,12 +36,15 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         self.zone = zone
         self.origins = [o.rstrip(".").lower() for o in origins]
 
-    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord | None:
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         reply = request.reply()
         qname = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
+        self.zone.queries.append((qname, str(qtype), handler.protocol))
         if qname in self.zone.drop:
-            return None
+            # dnslib's handler sends no reply for a DNSError (and logs it to our quiet logger); returning
+            # None instead would print an AttributeError traceback for every dropped query.
+            raise DNSError(f"dropped query for {qname}")
         if qname in self.zone.servfail:
             reply.header.rcode = RCODE.SERVFAIL
             return reply

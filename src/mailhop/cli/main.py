@@ -34,13 +34,26 @@ def main() -> None:
     show_default=True,
     help="Event loop: uvloop when installed (auto), or the standard one.",
 )
-def serve(config_path: Path, loop: str) -> None:
+@click.option("--worker", type=int, default=None, hidden=True, help="Internal: run as worker N of [workers].")
+def serve(config_path: Path, loop: str, worker: int | None) -> None:
     """Run the relay in the foreground, logging to stderr. SIGTERM finishes in-flight transactions and exits 0."""
     from ..daemon import Daemon
     from ..observability import setup_logging
+    from ..workers import Supervisor, stranded_shards
 
     config = read_config(config_path)
     setup_logging(config.log.level)
+    if worker is None:
+        stranded = stranded_shards(config.queue.path, config.workers)
+        if stranded:
+            click.echo(f"mailhop: configuration error\n{config_path}: workers = {config.workers}, but spool shards "
+                       f"{', '.join(str(p) for p in stranded)} still hold mail that no worker would deliver; "
+                       "raise workers until they are drained", err=True)
+            sys.exit(78)
+        if config.workers > 1:
+            sys.exit(Supervisor(config_path, config.workers, loop).run())
+    elif not 0 <= worker < config.workers:
+        raise click.BadParameter(f"--worker must be below workers = {config.workers}")
     use_uvloop = False
     if loop in ("auto", "uvloop"):
         try:
@@ -53,9 +66,9 @@ def serve(config_path: Path, loop: str) -> None:
     if use_uvloop:
         import uvloop
 
-        uvloop.run(Daemon(config).run())
+        uvloop.run(Daemon(config, worker=worker).run())
     else:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(Daemon(config, worker=worker).run())
 
 
 @main.command("check-config")

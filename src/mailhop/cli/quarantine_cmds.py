@@ -14,7 +14,7 @@ from rich.table import Table
 from ..queue.model import QueuedMessage
 from ..queue.sqlite import SqliteQueue
 from .common import config_option
-from .queue_cmds import _as_dict, _poke_daemon, _run, _ts
+from .queue_cmds import _any, _as_dict, _each, _found, _merged, _poke_daemon, _ts
 
 __all__ = ["quarantine"]
 
@@ -40,7 +40,7 @@ def list_cmd(config_path: Path, as_json: bool, limit: int | None) -> None:
     async def action(b: SqliteQueue) -> list[QueuedMessage]:
         return [m for m in await b.list(held=True) if _quarantined(m)][:limit]
 
-    messages = _run(config_path, action)
+    messages = _merged(_each(config_path, action), limit)
     if as_json:
         for msg in messages:
             click.echo(json.dumps(_as_dict(msg), separators=(",", ":")))
@@ -68,7 +68,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
         with await b.open_body(queue_id) as fh:
             return msg, fh.read()
 
-    msg, data = _run(config_path, action)
+    msg, data = _found(_each(config_path, action))
     if msg is None or not _quarantined(msg):
         click.echo(f"mailhop: no quarantined message {queue_id}", err=True)
         sys.exit(1)
@@ -96,7 +96,7 @@ def _act(verb: str, done: str, help_text: str) -> None:
                 _poke_daemon(b)
             return out
 
-        results = _run(config_path, action)
+        results = _any(_each(config_path, action))
         for qid, ok in zip(queue_ids, results, strict=True):
             click.echo(f"{qid}: {done}" if ok else f"{qid}: not in quarantine")
         sys.exit(0 if all(results) else 1)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ..queue.model import QueuedMessage
 from ..queue.sqlite import SqliteQueue
+from ..workers import shard_paths
 from .common import config_option, read_config
 
 __all__ = ["queue"]
@@ -25,18 +26,39 @@ __all__ = ["queue"]
 T = TypeVar("T")
 
 
-def _run(config_path: Path, action: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+def _each(config_path: Path, action: Callable[[SqliteQueue], Awaitable[T]]) -> list[T]:
+    """``action``'s answer for every spool shard (one, unless ``workers > 1``: see mailhop.workers), in order."""
     config = read_config(config_path)
 
-    async def go() -> T:
-        backend = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
-        await backend.start(recover=False)
-        try:
-            return await action(backend)
-        finally:
-            await backend.stop()
+    async def go() -> list[T]:
+        out = []
+        for path in shard_paths(config.queue.path, config.workers):
+            if path != config.queue.path and not (path / "queue.db").exists():
+                continue
+            backend = SqliteQueue(path, inline_max=config.queue.inline_body_max)
+            await backend.start(recover=False)
+            try:
+                out.append(await action(backend))
+            finally:
+                await backend.stop()
+        return out
 
     return asyncio.run(go())
+
+
+def _merged(per_shard: list[list[QueuedMessage]], limit: int | None = None) -> list[QueuedMessage]:
+    """Messages of every shard in id (arrival) order."""
+    return sorted((m for shard in per_shard for m in shard), key=lambda m: m.id)[:limit]
+
+
+def _found(per_shard: list[tuple[QueuedMessage | None, bytes]]) -> tuple[QueuedMessage | None, bytes]:
+    """The shard's answer that has the message (ids are unique across shards)."""
+    return next((r for r in per_shard if r[0] is not None), (None, b""))
+
+
+def _any(per_shard: list[list[bool]]) -> list[bool]:
+    """Per id: done on some shard."""
+    return [any(col) for col in zip(*per_shard, strict=True)]
 
 
 def _ts(value: float) -> str:
@@ -84,7 +106,7 @@ def queue() -> None:
 @click.option("--limit", type=int, default=None, help="At most this many messages.")
 def list_cmd(config_path: Path, as_json: bool, domain: str | None, limit: int | None) -> None:
     """List queued messages, oldest first."""
-    messages = _run(config_path, lambda b: b.list(domain=domain, limit=limit))
+    messages = _merged(_each(config_path, lambda b: b.list(domain=domain, limit=limit)), limit)
     if as_json:
         for msg in messages:
             click.echo(json.dumps(_as_dict(msg), separators=(",", ":")))
@@ -114,7 +136,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
                 data = fh.read()
         return msg, data
 
-    msg, data = _run(config_path, action)
+    msg, data = _found(_each(config_path, action))
     if msg is None:
         click.echo(f"mailhop: no message {queue_id}", err=True)
         sys.exit(1)
@@ -137,7 +159,7 @@ def _simple(name: str, verb: str, done: str, help_text: str) -> None:
                 _poke_daemon(b)
             return done
 
-        results = _run(config_path, action)
+        results = _any(_each(config_path, action))
         failed = 0
         for qid, ok in zip(queue_ids, results, strict=True):
             click.echo(f"{qid}: {done}" if ok else f"{qid}: not found")
@@ -157,7 +179,8 @@ def flush_cmd(config_path: Path) -> None:
     async def action(b: SqliteQueue) -> tuple[int, bool]:
         return await b.flush(), _poke_daemon(b)
 
-    count, woke = _run(config_path, action)
+    per_shard = _each(config_path, action)
+    count, woke = sum(c for c, _ in per_shard), any(w for _, w in per_shard)
     click.echo(f"{count} recipient(s) scheduled for immediate delivery"
                + ("" if woke else " (no daemon is running: they go when it starts)"))
 

@@ -163,6 +163,14 @@ class QueueConfig(_Section):
         description="Bodies up to this many bytes are stored inside the database (one fsync per batch); larger ones "
         "are streamed to files.",
     )
+    health_probe_interval: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between probe writes while the spool is failed or full. While failed (an I/O error "
+        "from the disk) clients get 421 4.3.2; the first probe that writes and fsyncs a file and a database "
+        "transaction restores service. See docs/reliability.md.",
+    )
 
 
 class LimitsConfig(_Section):
@@ -373,6 +381,11 @@ class Config(_Section):
         default_factory=list,
         description="One [[route]] per group of recipient domains: MX delivery or a smarthost. Unmatched: MX.",
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes, each a whole relay on its own spool shard, sharing the "
+        "listeners (SO_REUSEPORT). One per core when one core is the limit; see docs/architecture.md. Limits "
+        "such as max_connections and in-memory rate limits apply per worker."
+    )
     checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Policy checks on incoming mail.")
     dkim: DkimConfig = Field(default_factory=DkimConfig, description="DKIM signing of outgoing mail.")
 
@@ -405,6 +418,13 @@ class Config(_Section):
         if lc.role == "mx":
             return enabled
         return [name for name in enabled if name == "ratelimit"]
+
+    @model_validator(mode="after")
+    def _workers_share_nothing(self) -> Config:
+        if self.workers > 1 and self.checks.greylist.enabled:
+            raise ValueError("checks.greylist keeps its triplets in each worker's memory and a retry may reach "
+                             "another worker: use workers = 1 with greylisting")
+        return self
 
     @model_validator(mode="after")
     def _listener_checks_exist(self) -> Config:

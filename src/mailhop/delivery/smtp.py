@@ -77,9 +77,10 @@ class _TlsFallback(Exception):
 class _Stale(Exception):
     """The connection broke before MAIL was answered, or MAIL got 421: nothing can have been delivered."""
 
-    def __init__(self, reply: Reply | None = None) -> None:
-        super().__init__(str(reply))
+    def __init__(self, reply: Reply | None = None, cause: str = "") -> None:
+        super().__init__(str(reply) if reply is not None else cause)
         self.reply = reply
+        self.cause = cause  # why the connection broke (a timeout, a close, a malformed reply), for the last reply
 
 
 def _local(code: int, enhanced: str, text: str) -> Reply:
@@ -363,7 +364,9 @@ class SmtpTransport:
                 if exc.reply is not None:  # 421 to MAIL: the server is going away
                     attempt.defer_rest(exc.reply, host)
                     return False
-                raise _NextCandidate(_local(451, "4.4.2", f"lost connection with {conn.peer}")) from None
+                # Say why: "timed out after 300s" and "closed by the server" call for different fixes.
+                raise _NextCandidate(_local(451, "4.4.2", f"lost connection with {conn.peer} after MAIL: {exc.cause}")
+                                     ) from None
             first = False
         return conn.usable
 
@@ -413,8 +416,8 @@ class SmtpTransport:
                 conn.write(mail_cmd)
             try:
                 mail_reply = await conn.read_reply(t.command)
-            except ConnectionLost:
-                raise _Stale from None
+            except ConnectionLost as exc:
+                raise _Stale(cause=str(exc)) from None
             if mail_reply.code == 421:
                 raise _Stale(mail_reply)
             phase = "RCPT"

@@ -20,7 +20,8 @@ Failure: if any statement of the batch's transaction or the COMMIT fails, the tr
 every waiter of the batch gets the error (SQLITE_FULL/ENOSPC -> QueueFullError, anything else ->
 QueueError), the body files of the batch's accepts are removed, and the thread goes on with the next batch
 (space may come back). An admin operation that raises is rolled back to its savepoint and only its caller
-gets the error. The thread never dies of an exception.
+gets the error. The thread never dies of an exception. Each batch's outcome goes to the spool's health
+(``health.SpoolHealth``): a storage error marks it full or failed, a COMMIT of accepted mail marks it ok.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 from ..errors import QueueError, QueueFullError
 from .faults import crash_point
+from .health import SpoolHealth
 from .spool import BodyWriter, queue_error_from_os
 
 __all__ = ["AcceptRequest", "GroupCommitter", "OpRequest", "queue_error_from_exception"]
@@ -95,8 +97,9 @@ class GroupCommitter:
     """The single writer. ``submit`` from any thread; ``start``/``stop`` from the owner."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection], conn: sqlite3.Connection,
-                 insert_sql: tuple[str, str, str]) -> None:
+                 insert_sql: tuple[str, str, str], health: SpoolHealth | None = None) -> None:
         self._connect = connect
+        self._health = health if health is not None else SpoolHealth()
         self._conn = conn
         self._insert_message, self._insert_body, self._insert_recipient = insert_sql
         self._requests: queue.SimpleQueue[AcceptRequest | OpRequest | None] = queue.SimpleQueue()
@@ -179,15 +182,22 @@ class GroupCommitter:
             crash_point("after_body_fsync")
             conn.execute("COMMIT")
         except Exception as exc:
-            self._rollback()
             self.failed_batches += 1
+            self._health.report(exc)
             make_error = queue_error_from_exception(exc)
             log.error("queue writer: batch of %d failed: %s", len(batch), exc)
-            for a in accepts:
-                a.body.discard_sealed()
-            self._resolve([(r.future, None, make_error()) for r in batch])
+            try:
+                self._rollback()
+            finally:  # even if the database cannot be reopened, nobody may be left waiting
+                for a in accepts:
+                    a.body.discard_sealed()
+                self._resolve([(r.future, None, make_error()) for r in batch])
             return
         crash_point("after_commit")
+        if accepts:
+            # New rows always reach the WAL and its fsync. An operation-only batch may have changed nothing
+            # (a hold of an unknown id), and a COMMIT that wrote nothing proves nothing about the disk.
+            self._health.mark_ok()
         self.batches += 1
         self.accepted += len(accepts)
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
@@ -228,8 +238,11 @@ class GroupCommitter:
             log.exception("queue writer: rollback failed; reopening the database")
             try:
                 self._conn.close()
-            finally:
                 self._conn = self._connect()
+            except Exception as exc:
+                # Keep the closed connection: the next batch fails on it and comes back here to try again.
+                self._health.report(exc)
+                log.error("queue writer: cannot reopen the database: %s", exc)
 
     @staticmethod
     def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

@@ -8,7 +8,8 @@ files for large messages, in a spool directory::
 Writes go through one writer thread (``commit.GroupCommitter``); reads use a small pool of read-only
 connections in worker threads (``asyncio.to_thread``), so neither ever blocks the event loop. WAL lets
 reads run concurrently with the writer and see only committed transactions. The schema and the row
-encoding live in ``rows``; start-up recovery and the spool lock in ``recovery``.
+encoding live in ``rows``; start-up recovery and the spool lock in ``recovery``; the spool's health (ok, full,
+failed: what the sessions answer) in ``health``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import QueueError
 from .backend import QueueBackend
 from .commit import AcceptRequest, GroupCommitter, OpRequest, queue_error_from_exception
 from .faults import crash_point
+from .health import HealthReportingWriter, SpoolHealth, probe_body_file
 from .ids import is_queue_id, new_queue_id
 from .model import QueuedMessage, RcptStatus, RecipientState
 from .recovery import lock_holder, take_lock
@@ -73,6 +75,7 @@ class SqliteQueue:
         self._readers: list[sqlite3.Connection] = []  # idle read connections
         self._readers_lock = threading.Lock()
         self._body_fsyncs = 0
+        self.health = SpoolHealth()  # every storage error of the write path and every commit reports here
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -105,7 +108,8 @@ class SqliteQueue:
                 fsync_dir(self.spool.root)
             if recover:
                 recover_queue(conn, self.spool)
-            return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT))
+            return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT),
+                                  self.health)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -170,7 +174,7 @@ class SqliteQueue:
 
     def body_writer(self) -> BodyWriter:
         self._require_started()
-        return BodyWriter(self.spool, new_queue_id(), self.inline_max)
+        return HealthReportingWriter(self.spool, new_queue_id(), self.inline_max, health=self.health)
 
     async def accept(self, envelope: Envelope, body: BodyWriter) -> str:
         committer = self._require_started()
@@ -202,13 +206,39 @@ class SqliteQueue:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             def cleanup(t: asyncio.Future[None]) -> None:
-                if not t.cancelled():
-                    t.exception()  # retrieved: the caller is gone, the file goes
+                error = None if t.cancelled() else t.exception()  # retrieved: the caller is gone, the file goes
+                if error is not None:
+                    self.health.report(error)
                 body.discard_sealed()
 
             task.add_done_callback(cleanup)
             raise
+        except QueueError as exc:
+            self.health.report(exc)
+            raise
         self._body_fsyncs += 2
+
+    async def probe(self) -> None:
+        """Write durably the way an accept does, to find out whether the spool works again (``health.watch``).
+
+        A throw-away body file is created in a bucket, written, fsynced with its directory and removed (a crash
+        in between leaves an orphan, which start-up recovery removes); then a transaction that inserts and
+        deletes a row goes through the writer thread: an unchanged row would not reach the WAL, so no fsync.
+        Failures are reported to ``health`` and raised (QueueError); success marks it ok."""
+        self._require_started()
+        try:
+            await asyncio.to_thread(probe_body_file, self.spool, new_queue_id())
+        except QueueError as exc:
+            self.health.report(exc)
+            raise
+
+        def touch(conn: sqlite3.Connection) -> tuple[None, None]:
+            conn.execute("INSERT INTO schema_version (version) VALUES (-1)")
+            conn.execute("DELETE FROM schema_version WHERE version = -1")
+            return None, None
+
+        await self._write(touch)
+        self.health.mark_ok()
 
     # --- writes through the committer -------------------------------------------------------------------
 

@@ -48,11 +48,12 @@ class Listener:
     """One bound address serving one role."""
 
     def __init__(self, config: ListenerConfig, ctx: SessionContext, implicit_tls: ssl.SSLContext | None = None,
-                 handshake_timeout: float = 60.0) -> None:
+                 handshake_timeout: float = 60.0, reuse_port: bool = False) -> None:
         self.config = config
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.handshake_timeout = handshake_timeout
+        self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -63,12 +64,13 @@ class Listener:
         if self.implicit_tls is not None:
             # RFC 8314 implicit TLS: the handshake comes before any SMTP; a plaintext client gets no reply.
             self.server = await loop.create_server(
-                factory, host, port, family=family, reuse_address=True, backlog=1024, start_serving=True,
-                ssl=self.implicit_tls, ssl_handshake_timeout=self.handshake_timeout,
+                factory, host, port, family=family, reuse_address=True, reuse_port=self.reuse_port or None,
+                backlog=1024, start_serving=True, ssl=self.implicit_tls, ssl_handshake_timeout=self.handshake_timeout,
             )
         else:
             self.server = await loop.create_server(
-                factory, host, port, family=family, reuse_address=True, backlog=1024, start_serving=True
+                factory, host, port, family=family, reuse_address=True, reuse_port=self.reuse_port or None,
+                backlog=1024, start_serving=True,
             )
         log.info("listening address=%s role=%s", self.config.address, self.config.role)
 

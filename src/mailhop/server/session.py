@@ -19,6 +19,7 @@ from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
 from ..policy.submission import check_from_header, check_mail, check_recipient_count
+from ..queue.health import SpoolHealth
 from ..reply import R, Reply
 from ..smtp import (
     NEED_DATA,
@@ -61,12 +62,14 @@ _READ_HIGH_WATER = 256 * 1024
 
 @dataclass
 class ServerState:
-    """What all listeners share: open sessions, connection caps, the shutdown flag, the delivery wake-up."""
+    """What all listeners share: open sessions, connection caps, the shutdown flag, the delivery wake-up, the
+    spool's health (the queue's; while it is failed, greetings and MAIL get 421 4.3.2)."""
 
     limiter: ConnectionLimiter
     sessions: set[SmtpSession] = field(default_factory=set)
     shutting_down: bool = False
     on_queued: Callable[[], None] | None = None  # a wake-up hint for the delivery engine
+    health: SpoolHealth = field(default_factory=SpoolHealth)
 
 
 @dataclass
@@ -218,6 +221,10 @@ class SmtpSession(asyncio.Protocol):
 
     async def _serve(self) -> None:
         conn = self.conn
+        if self.ctx.state.health.unavailable:
+            # Before the connect checks: no DNS lookups for a client we cannot take mail from anyway.
+            self._write_raw(R.SPOOL_UNAVAILABLE.to_bytes())
+            return
         if self.ctx.chain is not None and not await self._start_checks(self.ctx.chain):
             return
         conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
@@ -319,6 +326,9 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     async def _on_mail(self, event: Mail) -> Reply:
+        if self.ctx.state.health.unavailable:
+            log.info("MAIL refused client=%s: spool unavailable", self.client_ip)
+            return R.SPOOL_UNAVAILABLE  # a 421: the core closes the dialogue after it
         services = self.ctx.auth
         reply = check_mail(
             user=self.user,

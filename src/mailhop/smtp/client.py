@@ -68,7 +68,7 @@ class ReplyParser:
     dropped (servers that send bare LF are common and harmless here).
     """
 
-    __slots__ = ("_buf", "_code", "_lines", "max_line", "max_lines")
+    __slots__ = ("_buf", "_code", "_held", "_lines", "max_line", "max_lines")
 
     def __init__(self, *, max_line: int = MAX_REPLY_LINE, max_lines: int = MAX_REPLY_LINES) -> None:
         self.max_line = max_line
@@ -76,11 +76,12 @@ class ReplyParser:
         self._buf = bytearray()
         self._code = b""
         self._lines: list[str] = []
+        self._held = 0  # raw octets (code, text, line end) of the lines in _lines
 
     @property
     def buffered(self) -> int:
-        """Octets received and not yet part of a returned reply."""
-        return len(self._buf) + sum(len(line) for line in self._lines)
+        """Octets received and not yet part of a returned reply (raw: a pending ``250-`` line counts)."""
+        return len(self._buf) + self._held
 
     def discard(self) -> int:
         """Drop everything buffered (after STARTTLS's 220: plaintext must not survive); octets dropped."""
@@ -88,6 +89,7 @@ class ReplyParser:
         self._buf.clear()
         self._lines.clear()
         self._code = b""
+        self._held = 0
         return n
 
     def feed(self, data: bytes) -> list[Reply]:
@@ -106,6 +108,7 @@ class ReplyParser:
                 raise ReplyError(f"reply line longer than {self.max_line} octets")
             end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
             reply = self._line(bytes(buf[pos:end]))
+            self._held = 0 if reply is not None else self._held + nl + 1 - pos
             pos = scan = nl + 1
             if reply is not None:
                 replies.append(reply)
