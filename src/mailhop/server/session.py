@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from ..checks.api import Action, CheckContext, Phase
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
 from ..message.headers import HeaderScanner, received_header
@@ -41,7 +40,7 @@ from ..smtp import (
     StartTls,
 )
 from .authflow import AuthExchange, AuthOutcome, AuthServices
-from .checkflow import apply_header_edits, read_for_checks
+from .checkflow import SessionChecks, apply_header_edits
 
 if TYPE_CHECKING:
     from ..auth.users import User
@@ -118,7 +117,7 @@ class SmtpSession(asyncio.Protocol):
         self.user: User | None = None
         self._auth: AuthExchange | None = None
         self._auth_mechanism = ""
-        self.checks: CheckContext | None = None  # set when the listener has a policy chain
+        self.checks: SessionChecks | None = None  # set when the listener has a policy chain
         self._received = b""  # our Received: field, the first bytes of the stored body
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
@@ -225,8 +224,15 @@ class SmtpSession(asyncio.Protocol):
             # Before the connect checks: no DNS lookups for a client we cannot take mail from anyway.
             self._write_raw(R.SPOOL_UNAVAILABLE.to_bytes())
             return
-        if self.ctx.chain is not None and not await self._start_checks(self.ctx.chain):
-            return
+        chain = self.ctx.chain
+        if chain is not None:
+            self.checks = SessionChecks(chain, client_ip=self.client_ip, client_port=self.client_port,
+                                        role=self.ctx.role, trusted=self.trusted, resolver=self.ctx.resolver,
+                                        tls=self.conn.tls_active, max_scan_size=self.ctx.max_scan_size)
+            refused = await self.checks.connect()
+            if refused is not None:
+                self._write_raw(refused.to_bytes())
+                return
         conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
         loop = asyncio.get_running_loop()
         # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
@@ -274,12 +280,12 @@ class SmtpSession(asyncio.Protocol):
                 self.helo, self.extended = event.hostname, event.extended
                 self._drop_body()
                 if self.checks is not None:
-                    await self._on_helo(self.checks, event.hostname)
+                    await self.checks.helo(event.hostname)
                 conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
             elif isinstance(event, Reset):
                 self._drop_body()
                 if self.checks is not None:
-                    self.checks.reset_transaction()
+                    self.checks.reset()
             elif isinstance(event, StartTls):
                 if not await self._start_tls():
                     return
@@ -316,8 +322,7 @@ class SmtpSession(asyncio.Protocol):
         if outcome.user is not None:
             self.user = outcome.user
             if self.checks is not None:
-                self.checks.user = outcome.user.name
-                self.checks.session["auth_mechanism"] = self._auth_mechanism
+                self.checks.authenticated(outcome.user.name, self._auth_mechanism)
         self.conn.send(outcome.reply)
         if outcome.close:
             self._flush()
@@ -340,82 +345,18 @@ class SmtpSession(asyncio.Protocol):
         if not reply.is_positive and self.user is not None:
             log.info("MAIL refused client=%s user=%s sender=<%s>: %s", self.client_ip, self.user.name,
                      event.sender or "", reply)
-        if reply.is_positive and self.checks is not None and self.ctx.chain is not None:
-            return await self._check_mail(self.ctx.chain, self.checks, event, reply)
+        if reply.is_positive and self.checks is not None:
+            sender = "" if event.sender is None else str(event.sender)
+            return await self.checks.mail(sender, tls=self.conn.tls_active) or reply
         return reply
 
     async def _on_rcpt(self, event: Rcpt) -> Reply:
         reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted, authenticated=self.user is not None)
         if reply is None:
             reply = check_recipient_count(self.user, len(self.conn.transaction.recipients))
-        if reply is None and self.checks is not None and self.ctx.chain is not None:
-            reply = await self._check_rcpt(self.ctx.chain, self.checks, str(event.recipient.mailbox))
+        if reply is None and self.checks is not None:
+            reply = await self.checks.rcpt(str(event.recipient.mailbox))
         return reply or R.RCPT_OK
-
-    # -- policy checks ----------------------------------------------------------------------------------------------
-    async def _start_checks(self, chain: PolicyChain) -> bool:
-        """Set up the check context and run the connect phase; False when the connection is refused (421)."""
-        self.checks = ctx = CheckContext(client_ip=self.client_ip, client_port=self.client_port, role=self.ctx.role,
-                                         trusted=self.trusted, resolver=self.ctx.resolver,
-                                         tls=self.conn.tls_active)
-        if not chain.has(Phase.CONNECT):
-            return True
-        verdict = await chain.run(Phase.CONNECT, ctx)
-        if verdict.action is Action.TEMPFAIL and verdict.reply is not None:
-            log.info("connection refused client=%s: %s", self.client_ip, verdict.reason)
-            reply = verdict.reply if verdict.reply.code == 421 else Reply(421, verdict.reply.enhanced or "4.7.0",
-                                                                          verdict.reply.text)
-            self._write_raw(reply.to_bytes())
-            return False
-        if verdict.action is Action.REJECT:
-            # Enforced at MAIL, not at the greeting: an authenticated user on a listed dynamic address may still
-            # send, and the refused envelope is logged (postscreen's "enforce").
-            ctx.connect_verdict = verdict
-        return True
-
-    async def _on_helo(self, ctx: CheckContext, hostname: str) -> None:
-        ctx.helo = hostname
-        ctx.reset_transaction()
-        chain = self.ctx.chain
-        if chain is not None and chain.has(Phase.HELO):
-            verdict = await chain.run(Phase.HELO, ctx)
-            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                ctx.session["helo_verdict"] = verdict  # enforced at MAIL, like a connect refusal
-
-    async def _check_mail(self, chain: PolicyChain, ctx: CheckContext, event: Mail, ok: Reply) -> Reply:
-        ctx.reset_transaction()
-        ctx.sender = "" if event.sender is None else str(event.sender)
-        ctx.tls = self.conn.tls_active
-        if self.user is None:
-            for early in (ctx.connect_verdict, ctx.session.get("helo_verdict")):
-                if early is not None and early.reply is not None:
-                    log.info("MAIL refused client=%s sender=<%s>: %s", self.client_ip, ctx.sender, early.reason)
-                    return cast(Reply, early.reply)
-        if not chain.has(Phase.MAIL):
-            return ok
-        verdict = await chain.run(Phase.MAIL, ctx)
-        if verdict.action is Action.DISCARD:
-            ctx.results["discard"] = verdict.reason
-        elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            log.info("MAIL refused client=%s sender=<%s>: %s", self.client_ip, ctx.sender, verdict.reason)
-            ctx.reset_transaction()
-            return verdict.reply
-        return ok
-
-    async def _check_rcpt(self, chain: PolicyChain, ctx: CheckContext, recipient: str) -> Reply | None:
-        ctx.recipient = recipient
-        if chain.has(Phase.RCPT):
-            verdict = await chain.run(Phase.RCPT, ctx)
-            if verdict.action is Action.DISCARD:
-                ctx.results["discard"] = verdict.reason
-            elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                log.info("RCPT refused client=%s sender=<%s> rcpt=<%s>: %s", self.client_ip, ctx.sender, recipient,
-                         verdict.reason)
-                ctx.recipient = None
-                return verdict.reply
-        ctx.recipient = None
-        ctx.recipients.append(recipient)
-        return None
 
     def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
         services, user = self.ctx.auth, self.user
@@ -496,22 +437,21 @@ class SmtpSession(asyncio.Protocol):
             return refused
         hold_reason = ""
         checks = self.checks
-        if checks is not None and self.ctx.chain is not None:
-            refused = await self._check_data(self.ctx.chain, checks, body, headers, event.size)
+        if checks is not None:
+            refused = await checks.data(body, len(self._received), headers, event.size)
             if refused is not None:
                 body.abort()
-                checks.reset_transaction()
+                checks.reset()
                 return refused
-            if "discard" in checks.results:
+            if checks.discarded is not None:
                 body.abort()
-                log.info("discarded id=%s from=<%s> client=%s: %s", body.queue_id, checks.sender, self.client_ip,
-                         checks.results["discard"])
-                checks.reset_transaction()
+                log.info("discarded id=%s client=%s: %s", body.queue_id, self.client_ip, checks.discarded)
+                checks.reset()
                 return Reply(250, "2.0.0", f"Ok: queued as {body.queue_id}")
-            if checks.quarantine_reason:
-                hold_reason = f"quarantine: {checks.quarantine_reason}"
+            hold_reason = checks.hold_reason
         try:
-            await apply_header_edits(body, self._received, headers, checks, self.ctx.authserv_id)
+            await apply_header_edits(body, self._received, headers, checks.ctx if checks else None,
+                                     self.ctx.authserv_id)
         except QueueFullError:
             body.abort()
             return R.INSUFFICIENT_STORAGE
@@ -519,7 +459,7 @@ class SmtpSession(asyncio.Protocol):
             body.abort()
             return R.LOCAL_ERROR
         if checks is not None:
-            checks.reset_transaction()
+            checks.reset()
         tx = self.conn.transaction
         assert tx is not None
         envelope = Envelope(
@@ -555,30 +495,6 @@ class SmtpSession(asyncio.Protocol):
             f" held={hold_reason!r}" if hold_reason else "",
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-    async def _check_data(self, chain: PolicyChain, ctx: CheckContext, body: BodyWriter, headers: HeaderScanner,
-                          size: int) -> Reply | None:
-        """The data phase of the checks; the refusal to send, or None to go on."""
-        if not chain.has(Phase.DATA):
-            return None
-        ctx.queue_id = body.queue_id
-        ctx.header_block = headers.block
-        ctx.size = size
-        try:
-            ctx.message = await read_for_checks(body, len(self._received), self.ctx.max_scan_size)
-        except QueueError:
-            return R.LOCAL_ERROR
-        if ctx.message is None:
-            log.info("not scanned id=%s size=%d over checks.max_scan_size", body.queue_id, size)
-        verdict = await chain.run(Phase.DATA, ctx)
-        ctx.message = None  # the bytes are not needed past the checks; free them before the commit wait
-        if verdict.action is Action.DISCARD:
-            ctx.results["discard"] = verdict.reason
-        elif verdict.reply is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            log.info("message refused id=%s from=<%s> client=%s: %s", body.queue_id, ctx.sender, self.client_ip,
-                     verdict.reason)
-            return verdict.reply
-        return None
 
     def _drop_body(self, *, keep_error: bool = False) -> None:
         if self._body is not None:
@@ -628,9 +544,7 @@ class SmtpSession(asyncio.Protocol):
         self.helo = ""
         self.user = None  # RFC 3207: nothing from before the handshake survives it
         if self.checks is not None:
-            self.checks.helo, self.checks.user, self.checks.tls = "", None, True
-            self.checks.session.pop("helo_verdict", None)
-            self.checks.reset_transaction()
+            self.checks.tls_started()
         self._auth = None
         self._drop_body()
         return True
