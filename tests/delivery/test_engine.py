@@ -7,6 +7,7 @@ connection reuse, pipelining, smuggling-safe output and bounce-loop prevention.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,3 +314,25 @@ def test_ipv6_unreachable_falls_back_to_ipv4(r: Rig) -> None:
     with Receiver("127.0.0.59", r.port) as rx:
         r.send(envelope("a@sender.test", "x@dual.test"), BODY)
         rx.wait_for(1)
+
+
+def test_a_fast_destination_is_recorded_before_a_slow_sibling_finishes(r: Rig) -> None:
+    # One message, two destinations: the fast one's 250 must be on disk while the slow one is still talking,
+    # so a crash or a shutdown in between cannot send the fast one's copy again.
+    r.dns.add("fast.test. 60 IN A 127.0.0.52", "slow.test. 60 IN A 127.0.0.53")
+    with Receiver("127.0.0.52", r.port) as fast, \
+            Receiver("127.0.0.53", r.port, reply_delay=3.0, slow_on=(".",)) as slow:
+        r.send(envelope("a@sender.test", "x@fast.test", "y@slow.test"), BODY)
+        fast.wait_for(1)
+        deadline = time.monotonic() + 2.5
+        states: list[str] = []
+        while time.monotonic() < deadline:
+            [m] = r.queued()
+            states = [str(x.status) for x in m.recipients]
+            if states[0] == "delivered":
+                break
+            time.sleep(0.02)
+        assert states == ["delivered", "pending"], states  # recorded while the slow one is still in DATA
+        slow.wait_for(1)
+        r.wait_idle()
+    assert r.queued() == []

@@ -171,11 +171,32 @@ class DeliveryEngine:
         if not due:
             return
         groups = self._group(due)
-        results = await asyncio.gather(*(self._attempt(message, g) for g in groups))
-        outcomes = [o for group_outcomes in results for o in group_outcomes]
+        if len(groups) == 1:
+            outcomes = await self._attempt(message, groups[0])
+            self.attempts += 1
+            crash_point("after_delivery_before_record")
+            await self._record(message, due, outcomes)
+            return
+        # Several destinations at once: a recipient a fast destination accepted is recorded as soon as it
+        # is, not when the slowest sibling finishes (up to the data timeout): a crash or a shutdown in between
+        # would send it again. Failures and deferrals are recorded together at the end, so the sender gets one
+        # notice for the message, not one per destination.
+        by_idx = {r.idx: r for r in due}
+
+        async def attempt(group: _Group) -> list[Outcome]:
+            outcomes = await self._attempt(message, group)
+            delivered = [o for o in outcomes if o.kind is OutcomeKind.DELIVERED]
+            if delivered:
+                crash_point("after_delivery_before_record")
+                await self._record(message, [by_idx[o.idx] for o in delivered], delivered)
+            return [o for o in outcomes if o.kind is not OutcomeKind.DELIVERED]
+
+        results = await asyncio.gather(*(attempt(g) for g in groups))
         self.attempts += 1
-        crash_point("after_delivery_before_record")
-        await self._record(message, due, outcomes)
+        rest = [o for group_outcomes in results for o in group_outcomes]
+        if rest:
+            crash_point("after_delivery_before_record")
+            await self._record(message, [by_idx[o.idx] for o in rest], rest)
 
     def _group(self, recipients: Sequence[RecipientState]) -> list[_Group]:
         buckets: dict[tuple[str, str], list[RecipientState]] = defaultdict(list)

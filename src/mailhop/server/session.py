@@ -57,6 +57,8 @@ log = logging.getLogger("mailhop.smtp")
 
 # Pause reading once this much unprocessed input is waiting: a pipelining client cannot make us buffer more.
 _READ_HIGH_WATER = 256 * 1024
+# Events handled in a row before yielding to the other sessions (see _serve).
+_FAIR_BURST = 32
 
 
 @dataclass
@@ -239,11 +241,20 @@ class SmtpSession(asyncio.Protocol):
         # that every byte restarts: a slowloris client trickling one byte at a time of a never-ending command
         # line still gets its 421 4.4.2 after command_timeout.
         deadline: float | None = None
+        burst = 0
         while True:
             event = conn.next_event()
             if event is not NEED_DATA:
                 deadline = None
+                burst += 1
+                if burst >= _FAIR_BURST:
+                    # A pipelining client can hand us thousands of commands in one read, and with no policy
+                    # check to await, nothing here suspends: give the other sessions a turn.
+                    burst = 0
+                    self._flush()
+                    await asyncio.sleep(0)
             if event is NEED_DATA:
+                burst = 0
                 self._flush()
                 if self._closed:
                     return
