@@ -58,8 +58,9 @@ class DkimVerifyConfig(_Section):
     max_signatures: int = Field(5, ge=1, le=50, description="Signatures verified per message; more are ignored.")
     min_rsa_bits: int = Field(1024, ge=512, description="RSA keys shorter than this fail (RFC 8301).")
     processes: int = Field(
-        1, ge=0, le=64, description="Worker processes verifying signatures (dkimpy is pure Python, ~1 ms of CPU "
-        "per signature: processes use the other cores). 0: threads inside the daemon, sharing its core."
+        0, ge=0, le=64, description="Worker processes verifying signatures (dkimpy is pure Python, ~1 ms of CPU "
+        "per signature). 0: threads inside the daemon. Processes only pay off with cores to spare: on 2 cores "
+        "the hand-off cost more than it saved (bench/RESULTS.md)."
     )
 
 
