@@ -13,6 +13,7 @@ workload is the like-for-like one.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -23,11 +24,18 @@ from pathlib import Path
 from .mailhop import running_mailhop
 from .postfix import PrivatePostfix, private_postfix, require
 
-__all__ = ["ASYMMETRY", "RunResult", "Workload", "check_postfix_relayed", "main"]
+__all__ = [
+    "ASYMMETRY",
+    "RunResult",
+    "Workload",
+    "check_postfix_relayed",
+    "main",
+    "postfix_at_sink",
+    "time_smtp_source",
+]
 
 SENDER = "a@client.test"
 RECIPIENT = "b@example.test"
-SMOKE_MESSAGES = 200
 ASYMMETRY = (
     "mailhop runs accept-only ([delivery] enabled = false: messages stay queued); Postfix relays every message "
     "to an smtp-sink concurrently with accepting, on the same machine, so Postfix's figure includes that load."
@@ -36,9 +44,11 @@ ASYMMETRY = (
 
 @dataclass(frozen=True)
 class Workload:
-    """One smtp-source invocation pattern; every message is its own SMTP session (no -d).
+    """One smtp-source invocation pattern.
 
     kind says what is timed: "accept" (smtp-source alone) or "relay" (until the sink has every message).
+    recipients is smtp-source's -r (recipients per message); same_connection is its -d (each session sends
+    its messages over one connection instead of one connection per message).
     """
 
     sessions: int
@@ -47,21 +57,43 @@ class Workload:
     sender: str = SENDER
     recipient: str = RECIPIENT
     kind: str = "accept"
+    recipients: int = 1
+    same_connection: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.kind} {self.size // 1024} KB, {self.sessions} sessions"
+        """The row label, e.g. "relay 5 KB, 20 sessions, 100 rcpts, -d"."""
+        plural = "session" if self.sessions == 1 else "sessions"
+        name = f"{self.kind} {self.size // 1024} KB, {self.sessions} {plural}"
+        if self.recipients > 1:
+            name += f", {self.recipients} rcpts"
+        if self.same_connection:
+            name += ", -d"
+        return name
+
+    def recipient_addresses(self) -> list[str]:
+        """What smtp-source -r N sends: N-1 addresses numbered N down to 2 prefixed to -t, then -t itself."""
+        return [f"{n}{self.recipient}" for n in range(self.recipients, 1, -1)] + [self.recipient]
+
+    def at_sink(self, recipients_per_transaction: int) -> int:
+        """Transactions a relay passes to its sink when it sends at most that many recipients in each."""
+        return self.messages * math.ceil(self.recipients / recipients_per_transaction)
 
     def argv(self, smtp_source: str, address: str) -> list[str]:
+        """The smtp-source command line for this shape against address."""
+        extra = [*(["-r", str(self.recipients)] if self.recipients > 1 else []),
+                 *(["-d"] if self.same_connection else [])]  # fmt: skip
         return [
             smtp_source,
-            *("-s", str(self.sessions), "-m", str(self.messages), "-l", str(self.size)),
+            *("-s", str(self.sessions), "-m", str(self.messages), "-l", str(self.size), *extra),
             *("-f", self.sender, "-t", self.recipient, address),
         ]
 
     def timeout(self) -> float:
-        """A bound generous enough for a slow target (20 msgs/s) yet finite, so a stall fails the run."""
-        return 60.0 + self.messages / 20.0
+        """A bound generous enough for a slow target (20 msgs/s, 1,000 rcpts/s, 2 MB/s) yet finite, so a
+        stall fails the run."""
+        volume = self.messages * (1 / 20 + self.recipients / 1000 + self.size / 2e6)
+        return 60.0 + volume
 
 
 @dataclass
@@ -99,13 +131,21 @@ def time_smtp_source(workload: Workload, address: str, result: RunResult) -> Non
 
 
 def run_mailhop(
-    workload: Workload, root: Path, repeat: int, executable: str, loop: str = "auto"
+    workload: Workload, root: Path, repeat: int, executable: str, loop: str = "auto",
+    profile_dir: Path | None = None,
 ) -> RunResult:
     """One run against a fresh mailhop; afterwards its queue must hold exactly the messages sent."""
+    from .profiling import finish_profiler, start_profiler  # profiling imports this module
+
     result = RunResult("mailhop", repeat)
     with running_mailhop(root, executable, loop=loop) as relay:
-        time_smtp_source(workload, relay.address, result)
-        check = relay.check_queue(workload.sender, workload.recipient)
+        profiler = start_profiler(relay, profile_dir, root.name) if profile_dir else None
+        try:
+            time_smtp_source(workload, relay.address, result)
+        finally:
+            if profiler is not None:
+                finish_profiler(profiler, result)
+        check = relay.check_queue(workload.sender, workload.recipient_addresses())
         problem = check.problem(workload.messages)
         if problem:
             result.problems.append(problem)
@@ -124,20 +164,28 @@ def run_postfix(workload: Workload, root: Path, repeat: int) -> RunResult:
     result = RunResult("postfix", repeat)
     with private_postfix(root) as postfix:
         time_smtp_source(workload, postfix.address, result)
-        drained = postfix.wait_relayed(workload.messages, workload.timeout())
+        drained = postfix.wait_relayed(postfix_at_sink(workload, postfix), workload.timeout())
         check_postfix_relayed(workload, postfix, result, drained)
     return result
+
+
+def postfix_at_sink(workload: Workload, postfix: PrivatePostfix) -> int:
+    """Transactions Postfix's smtp client makes to the sink: it splits a message's recipients into groups of
+    smtp_destination_recipient_limit (50 by default), read from the running instance's configuration."""
+    return workload.at_sink(postfix.postfix.recipient_limit())
 
 
 def check_postfix_relayed(
     workload: Workload, postfix: PrivatePostfix, result: RunResult, drained: float | None
 ) -> None:
-    """After the sink has every message: the maillog shows each queued, the sink counted exactly the messages
-    sent, the queue is empty and the maillog has no error. drained: seconds the relaying lagged smtp-source."""
+    """After the sink has every message: the maillog shows each queued, the sink counted exactly the
+    transactions expected, the queue is empty and the maillog has no error. drained: seconds the relaying
+    lagged smtp-source."""
     postfix.wait_accepted(workload.sender, workload.messages, workload.timeout())
     received = postfix.sink.received()
-    if received != workload.messages:
-        result.problems.append(f"smtp-sink received {received} messages, expected {workload.messages}")
+    expected = postfix_at_sink(workload, postfix)
+    if received != expected:
+        result.problems.append(f"smtp-sink received {received} messages, expected {expected}")
     if not postfix.postfix.queue_is_empty():
         result.problems.append("Postfix queue not empty after the sink received everything")
     lag = f", all relayed {drained:.1f}s after smtp-source ended" if drained is not None else ""

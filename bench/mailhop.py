@@ -8,18 +8,27 @@ It runs accept-only (delivery off, mail stays queued) or, given a smarthost, rel
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .procs import BenchError, free_port, port_open, stop_process, wait_until
 
-__all__ = ["LOOPS", "MailhopRelay", "QueueCheck", "default_mailhop", "running_mailhop"]
+__all__ = [
+    "DEFAULT_PER_DESTINATION",
+    "LOOPS",
+    "MAILHOP_RCPTS_PER_TRANSACTION",
+    "MailhopRelay",
+    "QueueCheck",
+    "default_mailhop",
+    "running_mailhop",
+]
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -29,6 +38,9 @@ READY_MARK = "ready listeners="
 STDERR_TAIL_LINES = 8
 LOOPS = ("auto", "asyncio", "uvloop")  # mailhop serve --loop; auto is uvloop when installed
 DEFAULT_PER_DESTINATION = 20  # Postfix's default_destination_concurrency_limit
+# mailhop's default [delivery] max_recipients_per_transaction, left at its default: a message with more
+# recipients than this reaches the sink as several transactions.
+MAILHOP_RCPTS_PER_TRANSACTION = 100
 
 
 def default_mailhop() -> str:
@@ -37,13 +49,19 @@ def default_mailhop() -> str:
 
 
 def config_toml(
-    port: int, spool: Path, smarthost: str | None = None, per_destination: int = DEFAULT_PER_DESTINATION
+    port: int,
+    spool: Path,
+    smarthost: str | None = None,
+    per_destination: int = DEFAULT_PER_DESTINATION,
+    limits: Mapping[str, int] | None = None,
 ) -> str:
     """Benchmark config: one loopback listener, loopback trusted, a private spool, warnings only.
 
     Without smarthost delivery is off (accept-only); with one ("HOST:PORT") every domain is relayed there in
-    clear, with at most per_destination connections to it.
+    clear, with at most per_destination connections to it. limits sets keys of ``[limits]`` (the idle
+    connections workload raises max_connections); the others stay at their defaults.
     """
+    limit_lines = ["[limits]", *(f"{key} = {value}" for key, value in (limits or {}).items()), ""]
     if smarthost is None:
         delivery = [
             "[delivery]",
@@ -65,9 +83,12 @@ def config_toml(
             'tls = "none"',
             "",
         ]
+    # MAILHOP_BENCH_WORKERS=N runs mailhop with `workers = N` (one shared-nothing worker per core).
+    workers = os.environ.get("MAILHOP_BENCH_WORKERS", "1")
     return "\n".join(
         [
             'hostname = "mailhop.bench.test"',
+            f"workers = {int(workers)}",
             "",
             "[[listener]]",
             f'address = "{LOOPBACK}:{port}"',
@@ -88,6 +109,7 @@ def config_toml(
             "[log]",
             'level = "warning"',
             "",
+            *(limit_lines if limits else []),
             *route,
         ]
     )
@@ -124,6 +146,8 @@ class MailhopRelay:
         smarthost: str | None = None,
         per_destination: int = DEFAULT_PER_DESTINATION,
         loop: str = "auto",
+        limits: Mapping[str, int] | None = None,
+        start_timeout: float = START_TIMEOUT,
     ) -> None:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
@@ -133,6 +157,8 @@ class MailhopRelay:
         self.smarthost = smarthost
         self.per_destination = per_destination
         self.loop = loop
+        self.limits = dict(limits or {})
+        self.start_timeout = start_timeout
         self.config = root / "mailhop.toml"
         self.spool = root / "spool"
         self.stderr_path = root / "mailhop.stderr"
@@ -151,11 +177,13 @@ class MailhopRelay:
         """Write the config, start ``mailhop serve`` and wait until it is ready (log line or open port)."""
         if not Path(self.executable).exists():
             raise BenchError(f"mailhop not found at {self.executable}: run scripts/setup.sh")
-        self.config.write_text(config_toml(self.port, self.spool, self.smarthost, self.per_destination))
+        self.config.write_text(
+            config_toml(self.port, self.spool, self.smarthost, self.per_destination, self.limits)
+        )
         argv = [self.executable, "serve", "--loop", self.loop, "--config", str(self.config)]
         with self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        wait_until(self._ready, START_TIMEOUT, f"mailhop on {self.address}")
+        wait_until(self._ready, self.start_timeout, f"mailhop on {self.address}")
 
     def stderr(self) -> str:
         """What the relay has logged so far."""
@@ -176,42 +204,51 @@ class MailhopRelay:
         self._proc = None
         return status
 
-    def check_queue(self, sender: str, recipient: str) -> QueueCheck:
-        """Count queued messages via ``mailhop queue list --json`` and cross-check queue.db directly."""
-        argv = [self.executable, "queue", "list", "--json", "--config", str(self.config)]
+    def check_queue(self, sender: str, recipients: Sequence[str]) -> QueueCheck:
+        """Count queued messages via ``mailhop queue list --json`` and cross-check queue.db directly; a message
+        matches when it has sender and exactly these recipients."""
+        entries = self.list_queue()
+        matching = sum(1 for entry in entries if _has_envelope(entry, sender, recipients))
+        return QueueCheck(listed=len(entries), matching=matching, db_rows=self.db_rows())
+
+    def list_queue(self, *options: str) -> list[dict[str, object]]:
+        """``mailhop queue list --json [options]``, one dict per queued message."""
+        argv = [self.executable, "queue", "list", "--json", *options, "--config", str(self.config)]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=LIST_TIMEOUT, check=False)
         if result.returncode != 0:
             raise BenchError(f"mailhop queue list failed (exit {result.returncode}): {result.stderr.strip()}")
-        entries = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-        matching = sum(1 for entry in entries if _has_envelope(entry, sender, recipient))
-        return QueueCheck(listed=len(entries), matching=matching, db_rows=self.db_rows())
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
-    def wait_drained(self, timeout: float) -> float:
-        """Wait until queue.db has no message left (delivery recorded); seconds waited."""
+    def wait_drained(self, timeout: float, rows: int = 0) -> float:
+        """Wait until queue.db holds only rows messages (0: every delivery recorded); seconds waited."""
         started = time.monotonic()
-        wait_until(lambda: self.db_rows() == 0, timeout, "mailhop's queue.db to have no messages left")
+        wait_until(lambda: self.db_rows() == rows, timeout, f"mailhop's queue.db to be down to {rows} messages")
         return time.monotonic() - started
 
     def db_rows(self) -> int | None:
-        """Rows in ``<spool>/queue.db`` table messages, read-only; None if the layout is not what we expect."""
-        db = self.spool / "queue.db"
-        if not db.exists():
+        """Rows in table messages of ``<spool>/queue.db`` (and of every ``shard-N/queue.db`` when mailhop runs
+        several workers), read-only; None if the layout is not what we expect."""
+        dbs = [self.spool / "queue.db", *sorted(self.spool.glob("shard-*/queue.db"))]
+        if not dbs[0].exists():
             return None
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-                row = conn.execute("SELECT count(*) FROM messages").fetchone()
-        except sqlite3.Error:
-            return None
-        return int(row[0])
+        total = 0
+        for db in dbs:
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+                    row = conn.execute("SELECT count(*) FROM messages").fetchone()
+            except sqlite3.Error:
+                return None
+            total += int(row[0])
+        return total
 
 
-def _has_envelope(entry: object, sender: str, recipient: str) -> bool:
-    """Whether one ``queue list --json`` object carries the benchmark's sender and sole recipient."""
+def _has_envelope(entry: object, sender: str, recipients: Sequence[str]) -> bool:
+    """Whether one ``queue list --json`` object carries the benchmark's sender and exactly its recipients."""
     if not isinstance(entry, dict):
         return False
-    recipients = entry.get("recipients") or []
-    addresses = [r.get("address") for r in recipients if isinstance(r, dict)]
-    return bool(entry.get("sender") == sender and addresses == [recipient])
+    listed = entry.get("recipients") or []
+    addresses = [str(r.get("address")) for r in listed if isinstance(r, dict)]
+    return bool(entry.get("sender") == sender and sorted(addresses) == sorted(recipients))
 
 
 @contextmanager
@@ -222,9 +259,15 @@ def running_mailhop(
     smarthost: str | None = None,
     per_destination: int = DEFAULT_PER_DESTINATION,
     loop: str = "auto",
+    limits: Mapping[str, int] | None = None,
+    start_timeout: float = START_TIMEOUT,
 ) -> Iterator[MailhopRelay]:
-    """A started relay under root, stopped (by PID, SIGTERM then SIGKILL) whatever happens."""
-    relay = MailhopRelay(root, executable, smarthost=smarthost, per_destination=per_destination, loop=loop)
+    """A started relay under root, stopped (by PID, SIGTERM then SIGKILL) whatever happens. A spool already
+    under ``root/spool`` (the queue-scale workload's) is served as it is."""
+    relay = MailhopRelay(
+        root, executable, smarthost=smarthost, per_destination=per_destination, loop=loop, limits=limits,
+        start_timeout=start_timeout,
+    )  # fmt: skip
     relay.start()
     try:
         yield relay

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ SINK_COUNTER = re.compile(rb"mesg=(\d+)")
 SINK_SESSIONS = re.compile(rb"sess=(\d+)")
 SINK_TAIL_BYTES = 512
 LOG_POLL_INTERVAL = 0.5
+MAILLOG_TAIL_LINES = 5
 # qmgr's advice when one destination fills the active queue; it is informational, not a failure.
 # The block's middle lines vary with the cause qmgr guesses (qmgr_entry.c); these cover all its variants.
 CONGESTION_PHRASES = (
@@ -168,11 +169,19 @@ def main_cf_settings(layout: PostfixLayout, relayhost: str) -> dict[str, str]:
 class PostfixInstance:
     """One private Postfix: configured, started and stopped with ``postfix -c DIR``, never the system one."""
 
-    def __init__(self, root: Path, listen_port: int, relayhost: str, listen_host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        root: Path,
+        listen_port: int,
+        relayhost: str,
+        listen_host: str = LOOPBACK,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.layout = PostfixLayout(root)
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.relayhost = relayhost
+        self.settings = dict(settings or {})  # main.cf overrides of a workload, e.g. message_size_limit
         self._master_pid: int | None = None
 
     @property
@@ -206,7 +215,7 @@ class PostfixInstance:
         shutil.chown(layout.data_dir, user=MAIL_OWNER)
         shutil.copyfile(SYSTEM_MASTER_CF, layout.config_dir / "master.cf")
         (layout.config_dir / "main.cf").touch()
-        settings = main_cf_settings(layout, self.relayhost)
+        settings = main_cf_settings(layout, self.relayhost) | self.settings
         self._postconf("-e", *(f"{key}={value}" for key, value in settings.items()))
         self._configure_master_cf()
         # Creates the queue subdirectories owned by postfix / setgid postdrop, as a fresh install would.
@@ -221,7 +230,12 @@ class PostfixInstance:
 
     def start(self) -> None:
         """``postfix start`` and wait until our smtpd listener accepts connections."""
-        self._postfix("start")
+        try:
+            self._postfix("start")
+        except BenchError as exc:
+            # postfix start reports its reason to the maillog, not to stderr.
+            tail = " | ".join(self._log().splitlines()[-MAILLOG_TAIL_LINES:])
+            raise BenchError(f"{exc}; maillog: {tail or '(empty)'}") from exc
         self._master_pid = self.master_pid()
         wait_until(
             lambda: port_open(self.listen_host, self.listen_port), START_TIMEOUT, f"Postfix on {self.address}"
@@ -248,6 +262,11 @@ class PostfixInstance:
             if not wait_pid_gone(pid, 5.0):
                 raise BenchError(f"Postfix master pid {pid} survived SIGKILL")
         self._master_pid = None
+
+    def recipient_limit(self) -> int:
+        """Recipients the smtp client sends per transaction to the relayhost (smtp_destination_recipient_limit,
+        expanded): a message with more reaches the sink as several transactions."""
+        return int(self._postconf("-x", "-h", "smtp_destination_recipient_limit").strip())
 
     def _log(self) -> str:
         return self.layout.maillog.read_text(errors="replace") if self.layout.maillog.exists() else ""
@@ -313,13 +332,16 @@ class PrivatePostfix:
 
 
 @contextmanager
-def private_postfix(root: Path) -> Iterator[PrivatePostfix]:
-    """Start an smtp-sink and a private Postfix relaying to it under root; stop both whatever happens."""
+def private_postfix(root: Path, settings: Mapping[str, str] | None = None) -> Iterator[PrivatePostfix]:
+    """Start an smtp-sink and a private Postfix relaying to it under root; stop both whatever happens.
+    settings override main.cf parameters (a workload's raised limits); everything else is as configured
+    by ``main_cf_settings``."""
     root.chmod(0o755)
     sink = SmtpSink(root)
     sink.start()
     try:
-        postfix = PostfixInstance(root / "postfix", free_port(), f"[{sink.host}]:{sink.port}")
+        relayhost = f"[{sink.host}]:{sink.port}"
+        postfix = PostfixInstance(root / "postfix", free_port(), relayhost, settings=settings)
         postfix.layout.root.mkdir(parents=True, exist_ok=True)
         postfix.configure()
         postfix.start()

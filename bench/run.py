@@ -1,8 +1,11 @@
-"""mailhop against a private Postfix, every workload: acceptance (``bench/accept.py``) and end-to-end relay
-(``bench/relay.py``), targets alternating, medians and the mailhop/Postfix ratio in one table.
+"""mailhop against a private Postfix, every workload (``bench/workloads.py``): acceptance
+(``bench/accept.py``) and end-to-end relay (``bench/relay.py``) in several shapes, targets alternating,
+medians and the mailhop/Postfix ratio in one table; then one 50 MB message (``bench/bigmsg.py``), 10,000 idle
+connections (``bench/idle.py``) and, when named, a million-message queue (``bench/queuescale.py``), each with
+its own table.
 
-Run from the repository root, as root: ``.venv/bin/python -m bench.run`` (``--smoke`` for a seconds-long check
-that the harness works). A run that fails a check gets no figure, and the command exits 1.
+Run from the repository root, as root: ``.venv/bin/python -m bench.run`` (``--smoke`` for a quick check that
+the harness works). A run that fails a check gets no figure, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -17,21 +20,28 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from .accept import ASYMMETRY, SMOKE_MESSAGES, RunResult, Workload, run_mailhop, run_postfix
+from .accept import ASYMMETRY, RunResult, Workload, run_mailhop, run_postfix
+from .bigmsg import run_big
+from .idle import run_idle
 from .mailhop import DEFAULT_PER_DESTINATION, LOOPS, default_mailhop
 from .postfix import require
 from .procs import BenchError
+from .queuescale import run_queue_scale
 from .relay import run_mailhop_relay, run_postfix_relay
+from .workloads import DEFAULT_WORKLOADS, OPT_IN, THROUGHPUT, WORKLOADS, Options, Report
 
 __all__ = ["main"]
 
 TARGETS = ("mailhop", "postfix")
-WORKLOADS = ("accept", "relay")
+SPECIAL_RUNNERS: dict[str, Callable[[Options, Path], Report]] = {
+    "big-50m": run_big,
+    "idle-10k": run_idle,
+    "queue-scale": run_queue_scale,
+}
 NOTES = {
     "accept": ASYMMETRY,
     "relay": (
@@ -39,16 +49,6 @@ NOTES = {
         "relayhost); timed from the start of smtp-source until the sink has counted the last message."
     ),
 }
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to run mailhop, shared by all its runs."""
-
-    executable: str
-    loop: str  # mailhop serve --loop
-    per_destination: int
-    profile_dir: Path | None
 
 
 def run_target(target: str, run: Callable[[], RunResult], repeat: int) -> RunResult:
@@ -72,19 +72,19 @@ def runner(
             )  # fmt: skip
         return partial(run_postfix_relay, workload, root, repeat)
     if target == "mailhop":
-        return partial(run_mailhop, workload, root, repeat, options.executable, loop)
+        return partial(run_mailhop, workload, root, repeat, options.executable, loop, options.profile_dir)
     return partial(run_postfix, workload, root, repeat)
 
 
 def run_all(
-    workload: Workload, targets: Sequence[str], repeats: int, base: Path, options: Options
+    key: str, workload: Workload, targets: Sequence[str], repeats: int, base: Path, options: Options
 ) -> list[RunResult]:
     """Alternate the targets, reversing the order every other repeat so drift hits both alike."""
     results: list[RunResult] = []
     for repeat in range(1, repeats + 1):
         order = list(targets) if repeat % 2 else list(reversed(targets))
         for target in order:
-            root = base / f"{workload.kind}-{target}-{repeat}"
+            root = base / f"{key}-{target}-{repeat}"
             root.mkdir()
             result = run_target(target, runner(workload, target, root, repeat, options), repeat)
             print(describe(result), flush=True)
@@ -158,20 +158,19 @@ def postfix_version() -> str:
 
 def header(workloads: Sequence[Workload], args: argparse.Namespace) -> str:
     """What, when and where: enough to reproduce the figures and to read them correctly."""
-    command = workloads[0].argv("smtp-source", "127.0.0.1:PORT")
     lines = [
         f"command: {shlex.join([Path(sys.executable).name, '-m', args.module, *args.raw])}",
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
         f"machine: nproc={os.cpu_count()}, cpu={cpu_model()}, python={platform.python_version()}, "
         f"postfix={postfix_version()}, loadavg={loadavg()}",
-        f"workload: {shlex.join(command)}  ({args.repeats} repeat(s) per target)",
+        f"workloads: {', '.join(args.workloads)} ({args.repeats} repeat(s) per target; mailhop --loop "
+        f"{args.options.loop}, relay: mailhop max_connections_per_destination={args.per_destination})",
     ]
+    for kind in sorted({workload.kind for workload in workloads}):
+        lines.append(f"{kind}: {NOTES[kind]}")
     for workload in workloads:
-        loop = args.options.loop
-        extra = ""
-        if workload.kind == "relay":
-            extra = f", mailhop max_connections_per_destination={args.per_destination}"
-        lines.append(f"{workload.name}: mailhop --loop {loop}{extra}; {NOTES[workload.kind]}")
+        command = shlex.join(workload.argv("smtp-source", "127.0.0.1:PORT"))
+        lines.append(f"{workload.name}: {command}")
     return "\n".join(lines)
 
 
@@ -182,16 +181,25 @@ def loadavg() -> str:
 def parse_args(argv: Sequence[str], default_workloads: Sequence[str], prog: str) -> argparse.Namespace:
     """Command-line options; --smoke shrinks the run to a quick harness check."""
     parser = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=20000, help="messages per run (smtp-source -m)")
-    parser.add_argument("--sessions", type=int, default=20, help="parallel sessions (smtp-source -s)")
-    parser.add_argument("--size", type=int, default=5120, help="message size in bytes (smtp-source -l)")
+    parser.add_argument(
+        "--messages", type=int, default=None,
+        help="messages per run of every throughput workload (smtp-source -m; default: each workload's own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sessions", type=int, default=20, help="parallel sessions (smtp-source -s) of accept and relay"
+    )
+    parser.add_argument(
+        "--size", type=int, default=5120, help="message size in bytes (smtp-source -l) of accept and relay"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per target; the table shows medians")
     parser.add_argument(
-        "--smoke", action="store_true", help=f"-m {SMOKE_MESSAGES}, 1 repeat: checks the harness"
-    )
+        "--smoke", action="store_true",
+        help="1 repeat, a few messages per workload, 200 idle connections, 10,000 queued: checks the harness",
+    )  # fmt: skip
     parser.add_argument(
-        "--workloads", default=",".join(default_workloads), help="comma-separated subset of accept,relay"
-    )
+        "--workloads", default=",".join(default_workloads),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}, or all (default: all but {','.join(OPT_IN)})",
+    )  # fmt: skip
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help="comma-separated subset of mailhop,postfix"
     )
@@ -206,20 +214,44 @@ def parse_args(argv: Sequence[str], default_workloads: Sequence[str], prog: str)
     )  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, default=None, metavar="DIR",
-        help="relay: sample mailhop with py-spy into DIR and print its top functions (slows mailhop down)",
+        help="accept, relay: sample mailhop with py-spy into DIR and print its top functions (slows it down)",
     )  # fmt: skip
+    parser.add_argument(
+        "--idle-connections", type=int, default=10_000, help="idle-10k: idle connections to hold (default 10000)"
+    )
+    parser.add_argument(
+        "--queued", type=int, default=1_000_000, help="queue-scale: deferred messages queued (default 1000000)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs, spools)")
     args = parser.parse_args(argv)
     args.raw = list(argv)
     args.module = prog.rsplit(" ", 1)[-1]
     if args.smoke:
-        args.messages, args.repeats = SMOKE_MESSAGES, 1
+        args.repeats = 1
     args.targets = _subset(parser, "--targets", args.targets, TARGETS)
-    args.workloads = _subset(parser, "--workloads", args.workloads, WORKLOADS)
-    if min(args.messages, args.sessions, args.size, args.repeats, args.per_destination) < 1:
-        parser.error("--messages, --sessions, --size, --repeats and --per-destination must be positive")
-    args.options = Options(args.mailhop, args.mailhop_loop, args.per_destination, args.profile)
+    text = ",".join(WORKLOADS) if args.workloads.strip() == "all" else args.workloads
+    args.workloads = _subset(parser, "--workloads", text, WORKLOADS)
+    sizes = [args.sessions, args.size, args.repeats, args.per_destination, args.idle_connections, args.queued]
+    if min(sizes) < 1 or (args.messages is not None and args.messages < 1):
+        parser.error("counts, sizes and --repeats must be positive")
+    args.options = Options(
+        args.mailhop, args.mailhop_loop, args.per_destination, args.profile,
+        targets=tuple(args.targets), repeats=args.repeats, smoke=args.smoke,
+        idle_connections=args.idle_connections, queued=args.queued,
+    )  # fmt: skip
     return args
+
+
+def make_workload(key: str, args: argparse.Namespace) -> Workload:
+    """The smtp-source shape of a throughput workload, with the command line's overrides applied."""
+    shape = THROUGHPUT[key]
+    base = key in ("accept", "relay")  # --sessions and --size reshape only these two, as before
+    messages = shape.smoke_messages if args.smoke else (args.messages or shape.messages)
+    return Workload(
+        sessions=args.sessions if base else shape.sessions, messages=messages,
+        size=args.size if base else shape.size, kind=shape.kind, recipients=shape.recipients,
+        same_connection=shape.same_connection,
+    )  # fmt: skip
 
 
 def _subset(parser: argparse.ArgumentParser, option: str, text: str, allowed: Sequence[str]) -> list[str]:
@@ -231,34 +263,40 @@ def _subset(parser: argparse.ArgumentParser, option: str, text: str, allowed: Se
 
 def main(
     argv: Sequence[str] | None = None,
-    default_workloads: Sequence[str] = WORKLOADS,
+    default_workloads: Sequence[str] = DEFAULT_WORKLOADS,
     prog: str = "python -m bench.run",
 ) -> int:
-    """Run the benchmark and print the table; exit 1 if any run failed its checks."""
+    """Run the benchmark and print the tables; exit 1 if any run failed its checks."""
     args = parse_args(sys.argv[1:] if argv is None else argv, default_workloads, prog)
-    workloads = [
-        Workload(sessions=args.sessions, messages=args.messages, size=args.size, kind=kind)
-        for kind in args.workloads
-    ]
-    print(header(workloads, args), flush=True)
+    keys = [key for key in args.workloads if key in THROUGHPUT]
+    workloads = {key: make_workload(key, args) for key in keys}
+    print(header(list(workloads.values()), args), flush=True)
     base = Path(tempfile.mkdtemp(prefix="mailhop-bench-"))
     base.chmod(0o755)  # Postfix's daemons run as the postfix user and must reach their queue under it.
     rows: list[tuple[Workload, list[RunResult]]] = []
+    reports: list[Report] = []
     try:
-        for workload in workloads:
-            if len(workloads) > 1:
+        for key, workload in workloads.items():
+            if len(args.workloads) > 1:
                 print(f"{workload.name}:", flush=True)
-            rows.append((workload, run_all(workload, args.targets, args.repeats, base, args.options)))
+            rows.append((workload, run_all(key, workload, args.targets, args.repeats, base, args.options)))
+        for key in args.workloads:
+            if key in SPECIAL_RUNNERS:
+                print(f"{key}:", flush=True)
+                reports.append(SPECIAL_RUNNERS[key](args.options, base))
     finally:
         if args.keep:
             print(f"kept: {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
     print(f"\nloadavg at the end: {loadavg()}\n")
-    print(render_table(rows, args.targets))
-    failed = [r for _, results in rows for r in results if not r.ok]
+    if rows:
+        print(render_table(rows, args.targets))
+    for report in reports:
+        print(f"\n{report.render()}")
+    failed = sum(1 for _, results in rows for r in results if not r.ok) + sum(r.failures for r in reports)
     if failed:
-        print(f"\n{len(failed)} run(s) failed their checks; their targets have no figure.")
+        print(f"\n{failed} run(s) failed their checks; their targets have no figure.")
     return 1 if failed else 0
 
 

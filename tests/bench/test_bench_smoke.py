@@ -1,9 +1,11 @@
-"""The benchmark harness still runs end to end against both targets: ``python -m bench.run --smoke`` (both
-workloads, accept and relay) and ``python -m bench.accept --smoke`` (the acceptance workload alone).
+"""The benchmark harness still runs end to end against both targets: ``python -m bench.run --smoke --workloads
+all`` (every workload: accept and relay in all their shapes, one big message, idle connections, queue scale, each
+shrunk to seconds) and ``python -m bench.accept --smoke`` (the acceptance workload alone).
 
 No timing is asserted (CI machines are noisy); the harness's own checks (mailhop's queue holds every message
-or, relaying, is empty and the sink counted every message; Postfix relayed every message to its sink) make a
-zero exit meaningful.
+or, relaying, is empty and the sink counted every message; Postfix relayed every message to its sink; probes
+queued or relayed; the queue-scale spool passed start-up recovery) make a zero exit meaningful, and each
+workload's row must show figures, not FAILED.
 """
 
 from __future__ import annotations
@@ -23,11 +25,37 @@ ROW = r"^\| {name} \| \d+ \| \d+ \| \d+\.\d+ \|$"
 ACCEPT_LINE = re.compile(ROW.format(name="accept 5 KB, 20 sessions"), re.MULTILINE)
 RELAY_LINE = re.compile(ROW.format(name="relay 5 KB, 20 sessions"), re.MULTILINE)
 ANY_ROW = re.compile(r"^\| (accept|relay) ", re.MULTILINE)
+THROUGHPUT_ROWS = [
+    f"{kind} {shape}"
+    for kind in ("accept", "relay")
+    for shape in ("5 KB, 20 sessions", "1 KB, 1 session", "100 KB, 20 sessions", "5 KB, 20 sessions, 10 rcpts",
+                  "5 KB, 20 sessions, 100 rcpts", "5 KB, 20 sessions, -d")
+]  # fmt: skip
+NUMBER = r"\d+\.\d+"
+BIG_ROWS = [
+    rf"^\| mailhop \| accept-only \| {NUMBER} \| - \| {NUMBER} \| (met|MISSED by [\d.]+ MB) \|$",
+    rf"^\| mailhop \| relay \| {NUMBER} \| {NUMBER} \| {NUMBER} \| (met|MISSED by [\d.]+ MB) \|$",
+    rf"^\| postfix \| relay \(accepts while relaying\) \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \| - \|$",
+]
+LATENCY = rf"{NUMBER} / {NUMBER}"
+IDLE_ROWS = [
+    # mailhop must hold all 200 and answer every probe; Postfix as shipped may stall, so only its row is required.
+    rf"^\| mailhop \(limits.max_connections = 300\) \| 200 open of 200 attempted \| \d+ \| {LATENCY} \| "
+    rf"{LATENCY} \| RSS (met|MISSED by \d+ MB), p99 (met|MISSED by \d+ ms) \|$",
+    r"^\| Postfix, default_process_limit = 400 \| \d+ open of 200 attempted.* \| \d+ \| ",
+    r"^\| Postfix as shipped \(default_process_limit = 100\) \| .* \| \d+ \| ",
+]
+QUEUE_ROWS = [
+    r"^\| empty \| [\d.]+ \| \d+ \| \d+ \|$",
+    r"^\| 10,000 deferred \| [\d.]+ \| \d+ \| \d+ \|$",
+    r"^accept rate full/empty: [\d.]+ \(target >= 0.80: (met|MISSED by \d+ points)\)$",
+    r"^`mailhop queue list --domain d0042.bench.test` \(10 messages of 10,000\): median [\d.]+ s",
+]
 
 pytestmark = pytest.mark.peer
 
 
-def run_smoke(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_smoke(module: str, timeout: float, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m module --smoke`` from the repository root once the peer programs and root are there."""
     for program in ("smtp-source", "smtp-sink", "postfix", "postconf", "postqueue"):
         require_program(program)
@@ -37,7 +65,7 @@ def run_smoke(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
             pytest.fail(message)
         pytest.skip(message)
     return subprocess.run(
-        [sys.executable, "-m", module, "--smoke"],
+        [sys.executable, "-m", module, "--smoke", *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -46,13 +74,18 @@ def run_smoke(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.timeout(200)
-def test_run_smoke_prints_both_workloads() -> None:
-    proc = run_smoke("bench.run", timeout=190)
+@pytest.mark.timeout(330)
+def test_run_smoke_prints_every_workload() -> None:
+    proc = run_smoke("bench.run", 320, "--workloads", "all")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert ACCEPT_LINE.search(proc.stdout), output
     assert RELAY_LINE.search(proc.stdout), output
+    for name in THROUGHPUT_ROWS:
+        assert re.search(ROW.format(name=re.escape(name)), proc.stdout, re.MULTILINE), f"{name}:\n{output}"
+    assert len(ANY_ROW.findall(proc.stdout)) == len(THROUGHPUT_ROWS), output
+    for pattern in BIG_ROWS + IDLE_ROWS + QUEUE_ROWS:
+        assert re.search(pattern, proc.stdout, re.MULTILINE), f"{pattern}:\n{output}"
 
 
 @pytest.mark.timeout(90)
@@ -71,3 +104,31 @@ def test_checks_smoke_runs_both_configurations() -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert re.search(r"checks off: \d+ msgs/s +SPF\+DKIM\+DMARC on: \d+ msgs/s", proc.stdout), output
+
+
+def test_workload_shapes_match_smtp_source_flags_and_sink_counts() -> None:
+    """Pure logic the runs rely on: the smtp-source flags of each shape, the recipients smtp-source -r sends
+    (N..2 prefixed to -t, then -t itself, as smtp-sink's dump of a real run shows) and the transactions a sink
+    must count when a relay splits recipients."""
+    from bench.accept import Workload
+
+    shape = Workload(sessions=20, messages=10, size=5120, kind="relay", recipients=3, same_connection=True)
+    argv = shape.argv("smtp-source", "127.0.0.1:25")
+    assert argv[argv.index("-r") + 1] == "3" and "-d" in argv
+    assert shape.recipient_addresses() == ["3b@example.test", "2b@example.test", "b@example.test"]
+    assert shape.name == "relay 5 KB, 20 sessions, 3 rcpts, -d"
+    assert Workload(1, 4, 1024, recipients=100).at_sink(50) == 8
+    assert Workload(1, 4, 1024, recipients=100).at_sink(100) == 4
+    plain = Workload(sessions=1, messages=5, size=1024)
+    assert "-r" not in plain.argv("s", "a") and "-d" not in plain.argv("s", "a")
+    assert plain.name == "accept 1 KB, 1 session"
+
+
+def test_idle_probe_percentiles_are_nearest_rank() -> None:
+    from bench.idle import Probe, source_address
+
+    probe = Probe(latencies=[n / 1000 for n in range(1, 301)])  # 1 ms .. 300 ms
+    assert probe.percentile(50) == 0.150
+    assert probe.percentile(99) == 0.297  # the third slowest of 300
+    assert Probe().percentile(99) is None
+    assert [source_address(i) for i in (0, 249, 250)] == ["127.1.0.1", "127.1.0.250", "127.1.1.1"]
