@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .address import AddressError, canonical_domain
 
-__all__ = ["CERT_FILE", "KEY_FILE", "MAX_DAYS", "cert_fingerprint", "make_self_signed"]
+__all__ = ["CERT_FILE", "KEY_FILE", "MAX_DAYS", "cert_fingerprint", "make_self_signed", "write_new"]
 
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
@@ -50,7 +50,7 @@ def _san(hostname: str) -> tuple[str, list[x509.GeneralName]]:
     return name, [x509.DNSName(name)]
 
 
-def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
+def write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Write ``data`` to ``path`` atomically with ``mode``; without ``force`` fail if ``path`` exists."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -137,9 +137,9 @@ def make_self_signed(hostname: str, out_dir: Path, days: int = 365, force: bool 
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_new(key_path, key_pem, 0o600, force)
+    write_new(key_path, key_pem, 0o600, force)
     try:
-        _write_new(cert_path, cert_pem, 0o644, force)
+        write_new(cert_path, cert_pem, 0o644, force)
     except BaseException:
         if not force:  # we created the key a moment ago; do not leave half a pair behind
             with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..message.headers import field_values
 from ..reply import Reply
 
 if TYPE_CHECKING:
@@ -188,8 +189,6 @@ class CheckContext:
 
     def header(self, name: str) -> list[str]:
         """Every value of a header field of the message (data phase), unfolded, in order."""
-        from ..message.headers import field_values
-
         return field_values(self.header_block, name)
 
     def reset_transaction(self) -> None:

@@ -3,18 +3,15 @@ or deleted. Quarantined messages are held messages in the queue: nothing is deli
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ..queue.model import QueuedMessage
 from ..queue.sqlite import SqliteQueue
 from .common import config_option
-from .queue_cmds import _any, _as_dict, _each, _found, _merged, _poke_daemon, _ts
+from .queue_cmds import _any, _each, _found, _merged, _poke_daemon, _print_list, _print_show
 
 __all__ = ["quarantine"]
 
@@ -41,17 +38,8 @@ def list_cmd(config_path: Path, as_json: bool, limit: int | None) -> None:
         return [m for m in await b.list(held=True) if _quarantined(m)][:limit]
 
     messages = _merged(_each(config_path, action), limit)
-    if as_json:
-        for msg in messages:
-            click.echo(json.dumps(_as_dict(msg), separators=(",", ":")))
-        return
-    table = Table("id", "received", "size", "sender", "recipients", "reason")
-    for msg in messages:
-        rcpts = ", ".join(r.address for r in msg.recipients[:3]) + (" ..." if len(msg.recipients) > 3 else "")
-        table.add_row(msg.id, _ts(msg.received_at), str(msg.size), msg.sender or "<>", rcpts,
-                      msg.hold_reason[len(PREFIX):].strip())
-    Console().print(table)
-    click.echo(f"{len(messages)} message(s) in quarantine")
+    _print_list(messages, as_json, "reason", lambda m: m.hold_reason[len(PREFIX):].strip(),
+                "message(s) in quarantine")
 
 
 @quarantine.command("show")
@@ -72,11 +60,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
     if msg is None or not _quarantined(msg):
         click.echo(f"mailhop: no quarantined message {queue_id}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(_as_dict(msg), indent=2))
-    if body:
-        click.echo("")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
+    _print_show(msg, data, body)
 
 
 def _act(verb: str, done: str, help_text: str) -> None:

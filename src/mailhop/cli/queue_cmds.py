@@ -107,18 +107,35 @@ def queue() -> None:
 def list_cmd(config_path: Path, as_json: bool, domain: str | None, limit: int | None) -> None:
     """List queued messages, oldest first."""
     messages = _merged(_each(config_path, lambda b: b.list(domain=domain, limit=limit)), limit)
+    _print_list(messages, as_json, "state", _state, "message(s)")
+
+
+def _state(msg: QueuedMessage) -> str:
+    return "held" if msg.held else ",".join(sorted({str(r.status) for r in msg.recipients}))
+
+
+def _print_list(messages: list[QueuedMessage], as_json: bool, last: str, column: Callable[[QueuedMessage], str],
+                counted: str) -> None:
+    """One JSON object per line, or a table whose last column is ``last`` (``column(msg)``) and a count."""
     if as_json:
         for msg in messages:
             click.echo(json.dumps(_as_dict(msg), separators=(",", ":")))
         return
-    table = Table("id", "received", "size", "sender", "recipients", "state")
+    table = Table("id", "received", "size", "sender", "recipients", last)
     for msg in messages:
-        states = {str(r.status) for r in msg.recipients}
-        state = "held" if msg.held else ",".join(sorted(states))
         rcpts = ", ".join(r.address for r in msg.recipients[:3]) + (" ..." if len(msg.recipients) > 3 else "")
-        table.add_row(msg.id, _ts(msg.received_at), str(msg.size), msg.sender or "<>", rcpts, state)
+        table.add_row(msg.id, _ts(msg.received_at), str(msg.size), msg.sender or "<>", rcpts, column(msg))
     Console().print(table)
-    click.echo(f"{len(messages)} message(s)")
+    click.echo(f"{len(messages)} {counted}")
+
+
+def _print_show(msg: QueuedMessage, data: bytes, body: bool) -> None:
+    """The envelope as indented JSON and, with ``body``, a blank line and the stored message."""
+    click.echo(json.dumps(_as_dict(msg), indent=2))
+    if body:
+        click.echo("")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
 
 
 @queue.command("show")
@@ -140,11 +157,7 @@ def show_cmd(config_path: Path, queue_id: str, body: bool) -> None:
     if msg is None:
         click.echo(f"mailhop: no message {queue_id}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(_as_dict(msg), indent=2))
-    if body:
-        click.echo("")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
+    _print_show(msg, data, body)
 
 
 def _simple(name: str, verb: str, done: str, help_text: str) -> None:

@@ -38,6 +38,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _networks(value: list[str], what: str) -> list[str]:
+    """Validate addresses or networks (host bits allowed), naming the bad item and the expected form."""
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not {what}") from None
+    return value
+
+
 TagOrReject = Literal["reject", "tempfail", "quarantine", "tag"]
 
 
@@ -87,12 +97,7 @@ class DnsblZoneConfig(_Section):
     @field_validator("answers")
     @classmethod
     def _check_answers(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address or network, e.g. \"127.0.0.2\"") from None
-        return value
+        return _networks(value, 'an address or network, e.g. "127.0.0.2"')
 
 
 class DnsblConfig(_Section):
@@ -115,12 +120,7 @@ class GreylistConfig(_Section):
     @field_validator("skip_networks")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
-        for net in value:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"{net!r} is not a network in CIDR form, e.g. \"192.0.2.0/24\"") from None
-        return value
+        return _networks(value, 'a network in CIDR form, e.g. "192.0.2.0/24"')
 
 
 class RateRuleConfig(_Section):

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import os
-import secrets
 from pathlib import Path
 from typing import Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from ..tlsutil import write_new
 
 __all__ = [
     "MAX_RSA_BITS",
@@ -146,25 +145,7 @@ def dns_record(domain: str, selector: str, key: SigningKey) -> str:
 def write_private_key(path: Path, key: SigningKey, *, force: bool = False) -> None:
     """Write ``key`` to ``path`` with mode 0600; FileExistsError if it exists and not ``force``; OSError when
     it cannot be written."""
-    data = private_key_pem(key)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic "create if absent": never replaces a key someone else just wrote
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; use --force to replace it") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        write_new(path, private_key_pem(key), 0o600, force)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; use --force to replace it") from None
