@@ -38,24 +38,23 @@ def txt_line(name: str, record: str) -> str:
     return f"{name}. 300 IN TXT {parts}"
 
 
-@pytest.fixture(scope="module")
-def rsa_key() -> Key:
+def new_rsa_key() -> Key:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption())
     der = key.public_key().public_bytes(serialization.Encoding.DER,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     return Key(pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}")
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> Key:
+    return new_rsa_key()
 
 
 @pytest.fixture(scope="module")
 def other_rsa_key() -> Key:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    der = key.public_key().public_bytes(serialization.Encoding.DER,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
-    return Key(pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}")
+    return new_rsa_key()
 
 
 @pytest.fixture(scope="module")
