@@ -199,7 +199,7 @@ class Daemon:
             engine_task = None
             if self.config.delivery.enabled:
                 self.engine = self._build_engine()
-                self.state.on_queued = self.engine.wake
+                self.queue.on_accepted = self.engine.offer
                 engine_task = asyncio.get_running_loop().create_task(self.engine.run())
             addresses = " ".join(f"{h}:{p}" for ls in self.listeners for h, p in ls.sockets)
             log.info("ready listeners=%s spool=%s%s", addresses, self.config.queue.path,

@@ -93,12 +93,13 @@ class Rig:
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def send(self, env: Envelope, body: bytes) -> str:
+    def send(self, env: Envelope, body: bytes, *, wake: bool = True) -> str:
         async def go() -> str:
             writer = self.queue.body_writer()
             writer.write(body)
             qid = await self.queue.accept(env, writer)
-            self.engine.wake()
+            if wake:
+                self.engine.wake()
             return qid
 
         return str(self.call(go()))
@@ -125,7 +126,9 @@ class Rig:
 
 @contextmanager
 def rig(tmp: Path, *, policy: RetryPolicy | None = None, routes: list[Any] | None = None,
-        local_endpoints: tuple[tuple[str, int], ...] = (), **transport_options: Any) -> Iterator[Rig]:
+        local_endpoints: tuple[tuple[str, int], ...] = (), hand_off: bool = True,
+        **transport_options: Any) -> Iterator[Rig]:
+    """``hand_off``: wire the queue's on_accepted hook to the engine, as the daemon does."""
     port = mx_port()
     clock = FakeClock()
     loop = asyncio.new_event_loop()
@@ -143,6 +146,8 @@ def rig(tmp: Path, *, policy: RetryPolicy | None = None, routes: list[Any] | Non
             policy=policy or RetryPolicy(jitter=0.0), mx_port=port, local_endpoints=local_endpoints,
             clock=clock,
         )
+        if hand_off:
+            queue.on_accepted = engine.offer
         task = asyncio.run_coroutine_threadsafe(engine.run(), loop)
         r = Rig(dns, port, queue, engine, clock, loop, thread, transport)
         try:

@@ -7,9 +7,11 @@ connection reuse, pipelining, smuggling-safe output and bounce-loop prevention.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,3 +338,76 @@ def test_a_fast_destination_is_recorded_before_a_slow_sibling_finishes(r: Rig) -
         slow.wait_for(1)
         r.wait_idle()
     assert r.queued() == []
+
+
+class _Counting:
+    """Counts the engine's reads of the queue (wraps the real methods; the queue stays real)."""
+
+    def __init__(self, r: Rig) -> None:
+        self.due = 0
+        self.open_body = 0
+        real_due, real_open = r.queue.due, r.queue.open_body
+
+        async def due(**kw: object) -> object:
+            self.due += 1
+            return await real_due(**kw)  # type: ignore[arg-type]
+
+        async def open_body(queue_id: str) -> object:
+            self.open_body += 1
+            return await real_open(queue_id)
+
+        r.queue.due = due  # type: ignore[method-assign]
+        r.queue.open_body = open_body  # type: ignore[method-assign]
+
+
+def test_accepted_mail_is_handed_to_delivery_without_reading_the_queue(r: Rig) -> None:
+    r.dns.add("handoff.test. 60 IN A 127.0.0.54")
+    with Receiver("127.0.0.54", r.port) as rx:
+        counting = _Counting(r)
+        for i in range(20):
+            r.send(envelope("a@sender.test", f"x{i}@handoff.test"), BODY + b"n%d\r\n" % i, wake=False)
+        txs = rx.wait_for(20)
+        r.wait_idle()
+    assert sorted(tx.data.rsplit(b"n", 1)[1] for tx in txs) == sorted(b"%d\r\n" % i for i in range(20))
+    assert counting.open_body == 0  # the inline body came with the hand-off
+    assert counting.due <= 2, counting.due  # no queue scan per message
+    assert r.queued() == []
+
+
+def test_a_scan_racing_a_hand_off_delivers_once(r: Rig) -> None:
+    # A scan that started before a message was accepted, but whose snapshot shows it pending, must not
+    # start it again after the hand-off delivered and recorded it. One recipient defers, so the message is
+    # still queued when the stale snapshot comes back (otherwise its missing row would stop a second copy).
+    r.dns.add("race.test. 60 IN A 127.0.0.55", "later.test. 60 IN A 127.0.0.56")
+    real_due = r.queue.due
+    gate: dict[str, Any] = {}
+
+    async def due(**kw: Any) -> Any:
+        if "release" not in gate:
+            return await real_due(**kw)
+        gate["scanning"].set()
+        await gate["release"].wait()  # exclude= was computed before the message existed
+        snapshot = await real_due(**kw)  # the message is committed and pending in this snapshot ...
+        gate.pop("release")
+        while r.engine._inflight:  # ... and attempted and recorded before the scan returns
+            await asyncio.sleep(0.01)
+        return snapshot
+
+    async def arm() -> None:
+        gate["scanning"], gate["release"] = asyncio.Event(), asyncio.Event()
+
+    r.call(arm())
+    r.queue.due = due  # type: ignore[method-assign]
+    with Receiver("127.0.0.55", r.port, reply_delay=0.2, slow_on=(".",)) as rx, \
+            Receiver("127.0.0.56", r.port, on_rcpt=lambda addr: "451 4.3.0 later") as later:
+        r.loop.call_soon_threadsafe(r.engine.wake)
+        r.call(asyncio.wait_for(gate["scanning"].wait(), 5))
+        r.send(envelope("a@sender.test", "x@race.test", "y@later.test"), BODY, wake=False)
+        r.loop.call_soon_threadsafe(gate["release"].set)
+        rx.wait_for(1)
+        time.sleep(1.0)  # a second delivery would have arrived by now
+        r.wait_idle()
+        assert len(rx.transactions) == 1
+        assert later.transactions == []
+    [m] = r.queued()
+    assert [str(x.status) for x in m.recipients] == ["delivered", "deferred"]

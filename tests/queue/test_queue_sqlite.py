@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import sqlite3
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from contract import FakeClock, make_envelope, queue_message, read_all
 
+from mailhop.envelope import MailParams, RcptParams
 from mailhop.errors import QueueError, QueueFullError
 from mailhop.queue import SqliteQueue, spool
 from mailhop.queue.sqlite import SCHEMA_VERSION
@@ -217,3 +219,34 @@ async def test_stopped_queue_refuses_work(tmp_path: Path) -> None:
         await backend.get("0" * 16)
     with pytest.raises(QueueError):
         await backend.start()
+
+
+async def test_on_accepted_hands_over_the_message_as_stored(q: SqliteQueue) -> None:
+    # What delivery is handed must be what it would read back: every field, both body kinds.
+    handed: list[tuple[Any, bytes | None]] = []
+    q.on_accepted = lambda message, body: handed.append((message, body))
+    params = MailParams(size=1234, body="8BITMIME", smtputf8=True, ret="HDRS", envid="env-1", requiretls=True)
+    rparams = (RcptParams(notify=("SUCCESS", "FAILURE"), orcpt="rfc822;bob@example.com"),
+               RcptParams(notify=("NEVER",)), RcptParams())
+    env = make_envelope("älice@example.org", ("bob@example.com", "Carol@Sub.Example.NET", "dave@bücher.test"),
+                        params=params, rcpt_params=rparams, client_ip="2001:db8::1", authenticated="alice",
+                        tls=True)
+    small = await queue_message(q, b"Subject: s\r\n\r\nsmall\r\n", env)
+    big_body = b"b" * (q.inline_max + 1)
+    big = await queue_message(q, big_body, make_envelope(sender=None))
+    held = await queue_message(q, envelope=dataclasses.replace(make_envelope(), hold_reason="quarantine: x"))
+    assert [m.id for m, _ in handed] == [small, big, held]
+    for message, _ in handed:
+        assert message == await q.get(message.id)
+    assert handed[0][1] == b"Subject: s\r\n\r\nsmall\r\n"
+    assert handed[1][1] is None  # file-backed: delivery reads it from the file
+    assert handed[2][0].held
+
+
+async def test_a_failing_on_accepted_hook_loses_nothing(q: SqliteQueue) -> None:
+    def broken(message: Any, body: bytes | None) -> None:
+        raise RuntimeError("hook bug")
+
+    q.on_accepted = broken
+    qid = await queue_message(q)
+    assert (await q.get(qid)) is not None

@@ -3,8 +3,18 @@ transport, and records every outcome (plus the notices it causes) in one queue t
 
 The queue side decides everything about time: a deferred recipient's next attempt comes from the retry
 schedule; a deferred recipient past the queue lifetime fails as expired (4.4.7); a delay notice goes out once.
-Wake-ups: ``wake()`` (called when a message is queued) makes the scheduler look at once; a timer set to the
-next due time backs it up, so a lost wake-up only costs latency, never mail.
+Hand-off: ``offer()`` (the queue's ``on_accepted`` hook) starts a just-committed message at once, with its
+inline body, without reading back from the queue what the session just wrote: no queue scan, no body read,
+no thread hand-off per message. When the engine is full (``max_inflight``) it only wakes the scheduler.
+
+Wake-ups: ``wake()`` makes the scheduler look at the queue at once; a timer set to the next due time backs
+it up, so a lost wake-up only costs latency, never mail. A finished attempt wakes the scheduler only when it
+may have changed what is due (room freed at capacity, recipients left deferred, an error), so the common
+case, a message delivered at the first try, costs no queue scan at all.
+
+One message is never in two attempts at once: ``_inflight`` holds every message being attempted, a scan
+skips them, and a message that finished while a scan was reading (the scan's snapshot may predate its
+record) is dropped from that scan's results.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import ipaddress
 import logging
 import random
@@ -96,7 +107,9 @@ class DeliveryEngine:
         self.rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, asyncio.Task[bool]] = {}
+        self._finished_while_reading: set[str] | None = None  # a scan is reading: who finished meanwhile
+        self._saturated = False  # a scan left due messages behind for lack of room
         self.attempts = 0  # counters for tests and metrics
         self.recorded = 0
 
@@ -111,14 +124,19 @@ class DeliveryEngine:
             room = self.max_inflight - len(self._inflight)
             messages: list[QueuedMessage] = []
             if room > 0:
+                self._finished_while_reading = set()
                 try:
                     messages = await self.queue.due(limit=min(room, self.batch_size), exclude=set(self._inflight))
                 except Exception:
                     log.exception("delivery: cannot read the queue")
+                finished, self._finished_while_reading = self._finished_while_reading, None
+                if finished:  # their records may have been committed after the scan's snapshot
+                    messages = [m for m in messages if m.id not in finished]
+            else:
+                self._saturated = True
             for message in messages:
-                task = asyncio.get_running_loop().create_task(self._process(message))
-                self._inflight[message.id] = task
-                task.add_done_callback(functools.partial(self._done, message.id))
+                if message.id not in self._inflight:  # offered while the scan was reading
+                    self._start(message, None)
             if messages and len(messages) >= min(room, self.batch_size):
                 await asyncio.sleep(0)  # more may be due: look again after letting the new tasks start
                 continue
@@ -139,9 +157,30 @@ class DeliveryEngine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _done(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+    def offer(self, message: QueuedMessage, body: bytes | None) -> None:
+        """A message just committed: attempt it now (``body``: its inline body, None to read it from the queue),
+        or leave it to the scheduler when full, stopping, held or already in flight."""
+        if (self._stopping or message.held or message.id in self._inflight
+                or len(self._inflight) >= self.max_inflight):
+            self.wake()
+            return
+        self._start(message, body)
+
+    def _start(self, message: QueuedMessage, body: bytes | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._process(message, body))
+        self._inflight[message.id] = task
+        task.add_done_callback(functools.partial(self._done, message.id))
+
+    def _done(self, queue_id: str, task: asyncio.Task[bool]) -> None:
         self._inflight.pop(queue_id, None)
-        self._wake.set()
+        if self._finished_while_reading is not None:
+            self._finished_while_reading.add(queue_id)
+        settled = not task.cancelled() and task.exception() is None and task.result()
+        if not settled or self._saturated:
+            # Something may be due that the scheduler does not know of: a deferral, an error (retried by
+            # the scan's timer), or room for messages the scan had to leave behind.
+            self._saturated = False
+            self._wake.set()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop scheduling; let attempts in flight finish within ``grace``, then cancel them (nothing recorded:
@@ -157,26 +196,28 @@ class DeliveryEngine:
                 await asyncio.wait(pending, timeout=5)
 
     # -- one message ------------------------------------------------------------------------------------------------
-    async def _process(self, message: QueuedMessage) -> None:
+    async def _process(self, message: QueuedMessage, body: bytes | None) -> bool:
+        """Whether the message is settled: every recipient attempted is now final."""
         try:
-            await self._deliver_message(message)
+            return await self._deliver_message(message, body)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("delivery of %s failed unexpectedly; it stays queued", message.id)
+            return False
 
-    async def _deliver_message(self, message: QueuedMessage) -> None:
+    async def _deliver_message(self, message: QueuedMessage, body: bytes | None) -> bool:
         now = self.clock()
         due = [r for r in message.recipients if r.status in _OPEN and r.next_attempt <= now]
         if not due:
-            return
+            return False  # not due after all (e.g. a recipient deferred since): let the scheduler look
         groups = self._group(due)
         if len(groups) == 1:
-            outcomes = await self._attempt(message, groups[0])
+            outcomes = await self._attempt(message, groups[0], body)
             self.attempts += 1
             crash_point("after_delivery_before_record")
             await self._record(message, due, outcomes)
-            return
+            return all(o.kind is not OutcomeKind.DEFERRED for o in outcomes)
         # Several destinations at once: a recipient a fast destination accepted is recorded as soon as it
         # is, not when the slowest sibling finishes (up to the data timeout): a crash or a shutdown in between
         # would send it again. Failures and deferrals are recorded together at the end, so the sender gets one
@@ -184,7 +225,7 @@ class DeliveryEngine:
         by_idx = {r.idx: r for r in due}
 
         async def attempt(group: _Group) -> list[Outcome]:
-            outcomes = await self._attempt(message, group)
+            outcomes = await self._attempt(message, group, body)
             delivered = [o for o in outcomes if o.kind is OutcomeKind.DELIVERED]
             if delivered:
                 crash_point("after_delivery_before_record")
@@ -197,6 +238,7 @@ class DeliveryEngine:
         if rest:
             crash_point("after_delivery_before_record")
             await self._record(message, [by_idx[o.idx] for o in rest], rest)
+        return all(o.kind is not OutcomeKind.DEFERRED for o in rest)
 
     def _group(self, recipients: Sequence[RecipientState]) -> list[_Group]:
         buckets: dict[tuple[str, str], list[RecipientState]] = defaultdict(list)
@@ -208,13 +250,15 @@ class DeliveryEngine:
             routes[key] = route
         return [_Group(k[0], routes[k], k[1], tuple(v)) for k, v in buckets.items()]
 
-    async def _attempt(self, message: QueuedMessage, group: _Group) -> list[Outcome]:
+    async def _attempt(self, message: QueuedMessage, group: _Group, body: bytes | None) -> list[Outcome]:
         destination = await self._destination(group)
         if isinstance(destination, Reply):
             kind = OutcomeKind.FAILED if destination.is_permanent else OutcomeKind.DEFERRED
             return [Outcome(r.idx, kind, destination) for r in group.recipients]
 
         async def open_body() -> BinaryIO:
+            if body is not None:
+                return io.BytesIO(body)
             return await self.queue.open_body(message.id)
 
         opener = open_body if self.signer is None else await self.signer.open_signed(message, open_body)
@@ -307,6 +351,8 @@ class DeliveryEngine:
                 notices += await self._build_notices(message, items, now)
         await self.queue.record(message.id, updates, notices=notices, warned=warn)
         self.recorded += 1
+        if notices:
+            self.wake()  # queued by the record, not through accept: only a scan finds them
 
     async def _build_notices(
         self, message: QueuedMessage, items: list[NoticeItem], now: float

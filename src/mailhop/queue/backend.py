@@ -14,17 +14,26 @@ trace, a failed admin change changes nothing.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import BinaryIO, Protocol
 
 from ..envelope import Envelope
 from .model import QueuedMessage, RcptStatus, RecipientState
 from .spool import BodyWriter
 
-__all__ = ["QueueBackend"]
+__all__ = ["AcceptedHook", "QueueBackend"]
+
+# (the message as committed, its body when stored inline, else None)
+AcceptedHook = Callable[[QueuedMessage, bytes | None], None]
 
 
 class QueueBackend(Protocol):
+    on_accepted: AcceptedHook | None
+    """Set by the daemon: called on the event loop right after each ``accept`` committed, with the message
+    exactly as ``get`` would return it and its body when small enough to be stored inline (None otherwise).
+    The delivery engine starts on it at once, without reading back what it was just handed. A hook that
+    raises fails nothing: the message is committed and stays queued."""
+
     async def start(self, *, recover: bool = True) -> None:
         """Open the queue. ``recover=True`` is for the daemon only: take the spool's exclusive lock (a second
         daemon on the same spool gets a QueueError naming the holder), remove body files that no committed

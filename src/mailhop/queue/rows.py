@@ -28,6 +28,7 @@ __all__ = [
     "ensure_schema",
     "load_message",
     "message_insert_row",
+    "queued_message",
     "recipient_insert_rows",
 ]
 
@@ -145,6 +146,23 @@ def recipient_insert_rows(qid: str, env: Envelope, now: float) -> list[tuple[Any
         (qid, i, str(r.mailbox), r.mailbox.domain, r.params.orcpt, ",".join(r.params.notify), now, now)
         for i, r in enumerate(env.recipients)
     ]
+
+
+def queued_message(qid: str, env: Envelope, now: float, size: int) -> QueuedMessage:
+    """The message exactly as ``load_message`` would read back the rows that ``message_insert_row`` and
+    ``recipient_insert_rows`` make of ``env`` (hands a just-committed message to delivery without a read)."""
+    recipients = tuple(
+        RecipientState(idx=i, address=str(r.mailbox), domain=r.mailbox.domain, orcpt=r.params.orcpt,
+                       notify=r.params.notify, status=RcptStatus.PENDING, attempts=0, last_reply="",
+                       next_attempt=now, updated=now)
+        for i, r in enumerate(env.recipients)
+    )
+    return QueuedMessage(
+        id=qid, sender=env.sender_address, params=env.mail_params, received_at=now, size=size,
+        held=bool(env.hold_reason), hold_reason=env.hold_reason, client_ip=env.client_ip, helo=env.helo,
+        recipients=recipients, client_port=env.client_port, authenticated=env.authenticated, tls=env.tls,
+        kind=env.kind,
+    )
 
 
 def _typed(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:

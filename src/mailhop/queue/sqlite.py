@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import sqlite3
 import threading
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ..envelope import Envelope
 from ..errors import QueueError
-from .backend import QueueBackend
+from .backend import AcceptedHook, QueueBackend
 from .commit import AcceptRequest, GroupCommitter, OpRequest, queue_error_from_exception
 from .faults import crash_point
 from .health import HealthReportingWriter, SpoolHealth, probe_body_file
@@ -45,6 +46,7 @@ from .rows import (
     ensure_schema,
     load_message,
     message_insert_row,
+    queued_message,
     recipient_insert_rows,
 )
 from .spool import DEFAULT_INLINE_MAX, BodyWriter, Spool, fsync_dir
@@ -52,6 +54,7 @@ from .spool import DEFAULT_INLINE_MAX, BodyWriter, Spool, fsync_dir
 __all__ = ["SCHEMA_VERSION", "SqliteQueue"]
 
 T = TypeVar("T")
+log = logging.getLogger("mailhop.queue")
 
 
 def _map_read_error(exc: sqlite3.Error) -> QueueError:
@@ -76,6 +79,8 @@ class SqliteQueue:
         self._readers_lock = threading.Lock()
         self._body_fsyncs = 0
         self.health = SpoolHealth()  # every storage error of the write path and every commit reports here
+        # Called on the event loop after each accepted message's commit (see QueueBackend.on_accepted).
+        self.on_accepted: AcceptedHook | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -197,7 +202,14 @@ class SqliteQueue:
         except QueueError:
             body.discard_sealed()
             raise
-        return await future
+        queue_id = await future
+        hook = self.on_accepted
+        if hook is not None:
+            try:
+                hook(queued_message(qid, envelope, now, body.size), None if inline is None else bytes(inline))
+            except Exception:  # the message is committed: the delivery engine's queue scan finds it
+                log.exception("on_accepted hook failed for %s", queue_id)
+        return queue_id
 
     async def _sync_body(self, body: BodyWriter) -> None:
         """fsync a body file and its directory in a worker thread, so a large fsync delays no other message."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -63,13 +62,13 @@ _FAIR_BURST = 32
 
 @dataclass
 class ServerState:
-    """What all listeners share: open sessions, connection caps, the shutdown flag, the delivery wake-up, the
-    spool's health (the queue's; while it is failed, greetings and MAIL get 421 4.3.2)."""
+    """What all listeners share: open sessions, connection caps, the shutdown flag, the spool's health (the
+    queue's; while it is failed, greetings and MAIL get 421 4.3.2). Delivery learns of accepted mail from
+    the queue itself (``QueueBackend.on_accepted``)."""
 
     limiter: ConnectionLimiter
     sessions: set[SmtpSession] = field(default_factory=set)
     shutting_down: bool = False
-    on_queued: Callable[[], None] | None = None  # a wake-up hint for the delivery engine
     health: SpoolHealth = field(default_factory=SpoolHealth)
 
 
@@ -492,8 +491,6 @@ class SmtpSession(asyncio.Protocol):
         except QueueError as exc:
             log.error("queue error client=%s: %s", self.client_ip, exc.detail)
             return R.LOCAL_ERROR
-        if self.ctx.state.on_queued is not None:
-            self.ctx.state.on_queued()
         if self.user is not None and self.ctx.auth is not None:
             self.ctx.auth.rate.record(self.user.name, self.user.max_messages_per_hour)
         log.info(
