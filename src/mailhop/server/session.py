@@ -120,6 +120,9 @@ class SmtpSession(asyncio.Protocol):
         self._auth_mechanism = ""
         self.checks: SessionChecks | None = None  # set when the listener has a policy chain
         self._received = b""  # our Received: field, the first bytes of the stored body
+        self._deadline = 0.0  # loop time when the current wait for input times out
+        self._timer: asyncio.TimerHandle | None = None  # fires at _timer_at (<= _deadline) while armed
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -194,22 +197,41 @@ class SmtpSession(asyncio.Protocol):
         if out and self.transport is not None and not self._closed:
             self.transport.write(out)
 
-    async def _wait_for_input(self, delay: float) -> bool:
-        """Wait up to ``delay`` seconds for more bytes; False on timeout."""
+    async def _wait_for_input(self, deadline: float) -> bool:
+        """Wait until the loop time ``deadline`` for more bytes; False on timeout."""
         self._pending_bytes = 0
         if self._paused and not self._write_paused and self.transport is not None and not self._closed:
             self.transport.resume_reading()
             self._paused = False
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(max(delay, 0.0), _settle, self._waiter, False)
+        # One timer per session, not one per wait: a session waits several times per message and each
+        # deadline is later than the last, so a timer left from an earlier wait fires early, finds the
+        # deadline moved and re-arms itself (about once per timeout period instead of once per command).
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._on_timer)
         self._idle = not self.conn.in_transaction
         try:
             return await self._waiter
         finally:
-            timer.cancel()
             self._waiter = None
             self._idle = False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait arms a timer for its own deadline
+        loop = waiter.get_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._on_timer)
 
     async def _run(self) -> None:
         try:
@@ -262,7 +284,7 @@ class SmtpSession(asyncio.Protocol):
                     return
                 if deadline is None:
                     deadline = loop.time() + conn.wants_timeout()
-                if not await self._wait_for_input(deadline - loop.time()):
+                if not await self._wait_for_input(deadline):
                     self._flush()
                     self._write_raw(conn.timeout_reply().to_bytes())
                     log.info("timeout client=%s", self.client_ip)
@@ -569,6 +591,9 @@ class SmtpSession(asyncio.Protocol):
         self._closed = True
 
     def _cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._drop_body()
         self._close()
         if self in self.ctx.state.sessions:

@@ -5,20 +5,16 @@ is absolute: DATA ends only at CRLF "." CRLF (the start of data counting as prec
 or bare LF never ends anything and never starts a line; it is passed through as content and flagged so
 the session can refuse the message. Inside BDAT chunks nothing is special at all.
 
-All scanning is done with bytes.find/count/replace and two literal-prefixed regexes, so the work runs
-in C; the Python code runs per buffer (and per half-line-limit block), never per line or per octet.
+All scanning is done with bytes.find/rfind/count/replace, so the work runs in C at memchr speed; the Python
+code runs per buffer (and once per line-limit window), never per line or per octet.
 """
 
 from __future__ import annotations
-
-import re
 
 __all__ = ["BdatDecoder", "ContentScanner", "DataDecoder"]
 
 _END = b"\r\n.\r\n"
 _STUFFED = b"\r\n."
-_CR_NOT_LF = re.compile(rb"\r[^\n]")  # literal prefix: the engine skips between CRs in C
-_LONG_LINE: dict[int, re.Pattern[bytes]] = {}
 
 
 def take(buf: bytes | bytearray, start: int, stop: int) -> bytes:
@@ -29,15 +25,6 @@ def take(buf: bytes | bytearray, start: int, stop: int) -> bytes:
         return view[start:stop].tobytes()
 
 
-def _long_line_pattern(max_text_line: int) -> re.Pattern[bytes]:
-    # Anchored on LF so the engine jumps between line starts in C; an unanchored [^\n]{N} would retry at
-    # every offset, quadratic in the line length. Compiled once per limit, not once per message.
-    pattern = _LONG_LINE.get(max_text_line)
-    if pattern is None:
-        pattern = _LONG_LINE[max_text_line] = re.compile(rb"\n[^\n]{%d}" % max_text_line)
-    return pattern
-
-
 class ContentScanner:
     """Accounts for message content: size, size limit, bare CR/LF and overlong lines, across calls.
 
@@ -45,17 +32,12 @@ class ContentScanner:
     (which includes the CR of a CRLF) reaches ``max_text_line``, i.e. the line with its LF exceeds it.
     """
 
-    __slots__ = ("_block", "_long", "_max_line", "_max_size", "_pending_cr", "_run", "bare_newline",
+    __slots__ = ("_max_line", "_max_size", "_pending_cr", "_run", "bare_newline",
                  "line_too_long", "size", "too_big")
 
     def __init__(self, max_text_line: int, max_message_size: int) -> None:
         self._max_line = max_text_line
         self._max_size = max_message_size
-        # A run of max_text_line non-LF octets always covers a whole aligned block of half that size, so
-        # if every such block holds an LF (memchr-fast find) there is no long line and the exact regex
-        # is skipped.
-        self._block = max(1, max_text_line // 2)
-        self._long = _long_line_pattern(max_text_line)
         self._run = 0  # length of the unterminated line carried over from earlier content
         self._pending_cr = False  # earlier content ended with CR: its partner LF may start the next piece
         self.bare_newline = False
@@ -89,14 +71,16 @@ class ContentScanner:
             self._pending_cr = False
 
     def _scan_newlines(self, region: bytes) -> None:
+        # Three counts (memchr-speed passes in C) instead of a regex, which steps through every CR in sre:
+        # every CR but a final one must start a CRLF, and every LF must end one (or complete a CR held over
+        # from the previous piece).
         pending = self._pending_cr
-        if (pending and region[0] != 0x0A) or _CR_NOT_LF.search(region) is not None:
+        if pending and region[0] != 0x0A:
             self.bare_newline = True
             return
-        # Every CR but a final one is now known to start a CRLF, so LFs must number exactly those CRs
-        # (plus the LF that completes a CR held over from the previous piece); any other LF is bare.
         ends_cr = region[-1] == 0x0D
-        if region.count(b"\n") != region.count(b"\r") - ends_cr + pending:
+        pairs = region.count(b"\r\n")
+        if region.count(b"\r") - ends_cr != pairs or region.count(b"\n") - pending != pairs:
             self.bare_newline = True
             return
         self._pending_cr = ends_cr
@@ -114,17 +98,17 @@ class ContentScanner:
         if self._run + nl >= max_line or tail >= max_line:
             self.line_too_long = True
             return
-        if last - nl > max_line:  # room for a long line between the first and last LF
-            find = region.find
-            block = self._block
-            p = nl + 1
-            while p + block <= last:
-                if find(b"\n", p, p + block) < 0:
-                    if self._long.search(region, nl) is not None:
-                        self.line_too_long = True
-                        return
-                    break
-                p += block
+        # Between the first and the last LF: from each line start p, the last LF within the next max_line
+        # octets (memrchr) ends every line that starts before it, so the next look starts after it. A window
+        # without an LF is a run of max_line octets: a line too long. About one C call per max_line octets.
+        rfind = region.rfind
+        p = nl + 1
+        while last - p >= max_line:
+            q = rfind(b"\n", p, p + max_line)
+            if q < 0:
+                self.line_too_long = True
+                return
+            p = q + 1
         self._run = tail
 
 
