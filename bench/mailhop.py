@@ -99,6 +99,8 @@ def config_toml(
             "",
             "[queue]",
             f"path = {json.dumps(str(spool))}",
+            *([f"inline_body_max = {int(os.environ['MAILHOP_BENCH_INLINE_MAX'])}"]
+              if os.environ.get("MAILHOP_BENCH_INLINE_MAX") else []),
             "",
             *delivery,
             "",

@@ -276,6 +276,11 @@ class PostfixInstance:
         needle = f"from=<{sender}>"
         return sum(1 for line in self._log().splitlines() if "/qmgr[" in line and needle in line)
 
+    def held(self) -> int:
+        """Messages in the hold queue (accept-only runs: everything accepted is put on hold)."""
+        hold = self.layout.queue_dir / "hold"
+        return sum(1 for _, _, files in os.walk(hold) for _ in files) if hold.exists() else 0
+
     def relayed(self) -> int:
         """Recipients the smtp client handed to the relayhost."""
         return self._log().count(" status=sent ")

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from .accept import ASYMMETRY, RunResult, Workload, run_mailhop, run_postfix
+from .accept import ACCEPT_ONLY, ASYMMETRY, RunResult, Workload, run_mailhop, run_postfix
 from .bigmsg import run_big
 from .idle import run_idle
 from .mailhop import DEFAULT_PER_DESTINATION, LOOPS, default_mailhop
@@ -43,7 +43,7 @@ SPECIAL_RUNNERS: dict[str, Callable[[Options, Path], Report]] = {
     "queue-scale": run_queue_scale,
 }
 NOTES = {
-    "accept": ASYMMETRY,
+    "accept": ACCEPT_ONLY,
     "relay": (
         "both targets relay every message to an smtp-sink on loopback (mailhop: smarthost route, Postfix: "
         "relayhost); timed from the start of smtp-source until the sink has counted the last message."
@@ -73,7 +73,7 @@ def runner(
         return partial(run_postfix_relay, workload, root, repeat)
     if target == "mailhop":
         return partial(run_mailhop, workload, root, repeat, options.executable, loop, options.profile_dir)
-    return partial(run_postfix, workload, root, repeat)
+    return partial(run_postfix, workload, root, repeat, options.postfix_accept)
 
 
 def run_all(
@@ -167,7 +167,10 @@ def header(workloads: Sequence[Workload], args: argparse.Namespace) -> str:
         f"{args.options.loop}, relay: mailhop max_connections_per_destination={args.per_destination})",
     ]
     for kind in sorted({workload.kind for workload in workloads}):
-        lines.append(f"{kind}: {NOTES[kind]}")
+        note = ASYMMETRY if kind == "accept" and args.options.postfix_accept == "relay" else NOTES[kind]
+        lines.append(f"{kind}: {note}")
+    workers = os.environ.get("MAILHOP_BENCH_WORKERS", "1")
+    lines.append(f"mailhop: workers = {workers} (MAILHOP_BENCH_WORKERS)")
     for workload in workloads:
         command = shlex.join(workload.argv("smtp-source", "127.0.0.1:PORT"))
         lines.append(f"{workload.name}: {command}")
@@ -222,6 +225,10 @@ def parse_args(argv: Sequence[str], default_workloads: Sequence[str], prog: str)
     parser.add_argument(
         "--queued", type=int, default=1_000_000, help="queue-scale: deferred messages queued (default 1000000)"
     )
+    parser.add_argument(
+        "--postfix-accept", choices=("hold", "relay"), default="hold",
+        help="accept workloads: Postfix puts what it accepts on hold (like-for-like, default) or relays it",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs, spools)")
     args = parser.parse_args(argv)
     args.raw = list(argv)
@@ -237,7 +244,7 @@ def parse_args(argv: Sequence[str], default_workloads: Sequence[str], prog: str)
     args.options = Options(
         args.mailhop, args.mailhop_loop, args.per_destination, args.profile,
         targets=tuple(args.targets), repeats=args.repeats, smoke=args.smoke,
-        idle_connections=args.idle_connections, queued=args.queued,
+        idle_connections=args.idle_connections, queued=args.queued, postfix_accept=args.postfix_accept,
     )  # fmt: skip
     return args
 

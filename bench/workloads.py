@@ -77,6 +77,7 @@ class Options:
     smoke: bool = False
     idle_connections: int = 10_000  # idle-10k: connections to hold (--idle-connections)
     queued: int = 1_000_000  # queue-scale: deferred messages in the full queue (--queued)
+    postfix_accept: str = "hold"  # accept workloads: Postfix holds what it accepts ("hold") or relays it ("relay")
 
 
 @dataclass
