@@ -7,6 +7,7 @@ block larger than that is not counted further (the loop limit is then judged on 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -66,6 +67,18 @@ def field_values(block: bytes, name: str) -> list[str]:
     return out
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _now_text() -> str:
+    """RFC 5322 date-time of now, formatted once per second (every message of that second shares it)."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date_cache[1]
+
+
 def received_header(
     *,
     helo: str,
@@ -78,7 +91,6 @@ def received_header(
     user: str | None = None,
 ) -> bytes:
     """Our trace header. ``recipient`` is named only when the message has exactly one (privacy, as Postfix)."""
-    when = when or datetime.now(UTC)
     helo_clean = "".join(ch for ch in helo if 32 < ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
     lines = [f"Received: from {helo_clean} ([{client_ip}])"]
     if user:
@@ -87,5 +99,5 @@ def received_header(
     if recipient:
         lines.append(f"\tfor <{recipient}>")
     lines[-1] += ";"
-    lines.append(f"\t{format_datetime(when)}")
+    lines.append(f"\t{format_datetime(when) if when is not None else _now_text()}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
