@@ -292,6 +292,21 @@ def test_long_lines_are_kept_and_flagged() -> None:
     assert inner.long_lines
 
 
+line_pieces = st.lists(st.sampled_from([b"x" * 400, b"x" * 598, b"x" * 599, b"y", b"\r\n", b"\n", b"\r", b"."]),
+                      max_size=40).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(line_pieces, st.lists(st.integers(0, 8000), max_size=6))
+def test_long_line_flag_matches_reference_for_any_split(content: bytes, cuts: list[int]) -> None:
+    stuffer = DotStuffer()
+    for piece in split_at(content, cuts):
+        stuffer.feed(piece)
+    stuffer.finish()
+    lines = reference_canonical(content).split(b"\r\n")
+    assert stuffer.long_lines == any(len(line) > 998 for line in lines)
+
+
 def test_encoder_is_fast_enough() -> None:
     import time
 

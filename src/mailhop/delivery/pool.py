@@ -124,6 +124,11 @@ class _Protocol(asyncio.Protocol):
             await self._waiter
         return self.replies.popleft()
 
+    @property
+    def write_blocked(self) -> bool:
+        """The transport asked us to pause writing and has not resumed."""
+        return self._writable is not None and not self._writable.done()
+
     async def writable(self) -> None:
         while self._writable is not None and not self._writable.done():
             if self.error is not None:
@@ -184,6 +189,9 @@ class SmtpConnection:
 
     async def drain(self, within: float) -> None:
         """Wait until the transport's buffer is below its high-water mark."""
+        p = self._proto
+        if p.error is None and not p.write_blocked:
+            return  # the common case: no timer to arm and cancel per write
         try:
             async with asyncio.timeout(within):
                 await self._proto.writable()

@@ -490,6 +490,7 @@ class SmtpTransport:
         """Stream the dot-stuffed content and the end marker; False (all deferred) on a local read error."""
         t = self.timeouts
         stuffer = DotStuffer()
+        held = b""  # the last encoded chunk goes out with the end marker: one write for most messages
         while True:
             try:
                 chunk = body.read(READ_SIZE)
@@ -503,9 +504,11 @@ class SmtpTransport:
                 break
             out = stuffer.feed(chunk)
             if out:
-                conn.write(out)
-                await conn.drain(t.data_block)
-        conn.write(stuffer.finish())
+                if held:
+                    conn.write(held)
+                    await conn.drain(t.data_block)
+                held = out
+        conn.write(held + stuffer.finish())
         await conn.drain(t.data_block)
         if stuffer.long_lines:
             log.info("%s has lines over 998 octets; sent intact to %s", attempt.message.id, conn.peer)

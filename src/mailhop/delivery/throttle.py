@@ -5,10 +5,56 @@ take every connection. Slots are taken per destination first, then overall, alwa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 __all__ = ["Throttle"]
+
+
+class _Slot:
+    """``async with throttle.slot(destination)``: a plain class, not a generator-based context manager,
+    because delivery takes one per attempt."""
+
+    __slots__ = ("_destination", "_sem", "_throttle", "_users")
+
+    def __init__(self, throttle: Throttle, destination: str) -> None:
+        self._throttle = throttle
+        self._destination = destination
+        self._sem: asyncio.Semaphore | None = None
+        self._users: list[int] = [0]
+
+    async def __aenter__(self) -> None:
+        throttle, destination = self._throttle, self._destination
+        entry = throttle._per_dest.get(destination)
+        if entry is None:
+            entry = throttle._per_dest[destination] = (asyncio.Semaphore(throttle._per_dest_max), [0])
+        sem, users = entry
+        self._users = users
+        users[0] += 1
+        try:
+            await sem.acquire()
+            try:
+                await throttle._total.acquire()
+            except BaseException:
+                sem.release()
+                raise
+        except BaseException:
+            self._leave(users)
+            raise
+        self._sem = sem
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        sem = self._sem
+        assert sem is not None
+        self._throttle._total.release()
+        sem.release()
+        self._leave(self._users)
+
+    def _leave(self, users: list[int]) -> None:
+        users[0] -= 1
+        if users[0] == 0:
+            # Forget idle destinations so a bulk run over a million domains does not keep a million semaphores.
+            self._throttle._per_dest.pop(self._destination, None)
 
 
 class Throttle:
@@ -17,21 +63,9 @@ class Throttle:
         self._per_dest_max = max_per_destination
         self._per_dest: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
 
-    @asynccontextmanager
-    async def slot(self, destination: str) -> AsyncIterator[None]:
-        entry = self._per_dest.get(destination)
-        if entry is None:
-            entry = self._per_dest[destination] = (asyncio.Semaphore(self._per_dest_max), [0])
-        sem, users = entry
-        users[0] += 1
-        try:
-            async with sem, self._total:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                # Forget idle destinations so a bulk run over a million domains does not keep a million semaphores.
-                self._per_dest.pop(destination, None)
+    def slot(self, destination: str) -> _Slot:
+        """Hold one overall and one per-destination slot for the body of ``async with``."""
+        return _Slot(self, destination)
 
     def active(self, destination: str) -> int:
         entry = self._per_dest.get(destination)

@@ -5,7 +5,7 @@ lines starting with "." and overlong lines, split at arbitrary chunk boundaries.
 output is canonical: every line ends in CRLF, no bare CR or LF leaves mailhop (so no receiver can be
 tricked into seeing an end of data we did not mean: SMTP smuggling), and the only end marker is ours.
 
-All work is whole-chunk ``bytes.replace``/``count`` and one literal-prefixed regex, never a loop per line.
+All work is whole-chunk ``bytes.replace``/``count``/``rfind``, never a loop per line.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ __all__ = ["MAX_LINE", "DotStuffer", "canonicalize", "encode_data", "xtext"]
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6: octets per text line, CRLF excluded
 _END = b".\r\n"
-# A line of more than MAX_LINE octets after some line start. The literal "\n" prefix lets the engine jump
-# from line start to line start in C instead of retrying the repeat at every offset (quadratic).
-_LONG_LINE = re.compile(rb"\n[^\r]{%d}" % (MAX_LINE + 1))
+# A canonical line of more than MAX_LINE octets has its LF at least this far from its first octet.
+_WINDOW = MAX_LINE + 2
 # xtext: "!".."~" except "+" and "=" pass; everything else is "+XX" (uppercase hex).
 _XTEXT_SPECIAL = re.compile(rb"[^\x21-\x2a\x2c-\x3c\x3e-\x7e]")
 
@@ -87,9 +86,21 @@ class DotStuffer:
             return
         last = out.rfind(b"\n")
         tail = len(out) - last - 1
-        if self._run + first > MAX_LINE or tail > MAX_LINE or _LONG_LINE.search(out, first, last) is not None:
+        run, self._run = self._run, tail
+        if run + first > MAX_LINE or tail > MAX_LINE:
             self.long_lines = True
-        self._run = tail
+            return
+        # Lines between the first and the last line end: a line starting at p is too long when its LF lies
+        # _WINDOW or more octets on. The last LF within that window (memrchr) ends every line starting before
+        # it, so the next look starts after it: about one C call per _WINDOW octets, no regex.
+        rfind = out.rfind
+        p = first + 2
+        while last - p >= _WINDOW:
+            q = rfind(b"\n", p, p + _WINDOW)
+            if q < 0:
+                self.long_lines = True
+                return
+            p = q + 1
 
 
 def encode_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
