@@ -93,10 +93,13 @@ class Rig:
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def send(self, env: Envelope, body: bytes, *, wake: bool = True) -> str:
+    def send(self, env: Envelope, body: bytes, *, wake: bool = True, canonical: bool = False) -> str:
+        """Queue a message as the SMTP server would (``canonical``: vouch for CRLF-only content, as it does)."""
+
         async def go() -> str:
             writer = self.queue.body_writer()
             writer.write(body)
+            writer.canonical = canonical
             qid = await self.queue.accept(env, writer)
             if wake:
                 self.engine.wake()

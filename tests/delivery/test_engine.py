@@ -411,3 +411,14 @@ def test_a_scan_racing_a_hand_off_delivers_once(r: Rig) -> None:
         assert later.transactions == []
     [m] = r.queued()
     assert [str(x.status) for x in m.recipients] == ["delivered", "deferred"]
+
+
+def test_a_canonical_hand_off_is_dot_stuffed_and_arrives_intact(r: Rig) -> None:
+    # The server vouched for CRLF-only content: delivery only dot-stuffs it, over chunk boundaries too.
+    r.dns.add("canon.test. 60 IN A 127.0.0.57")
+    body = BODY + b".starts with a dot\r\n..two\r\n.\r\n" + b"x" * 70_000 + b"\r\n.\r\nend\r\n"
+    with Receiver("127.0.0.57", r.port) as rx:
+        r.send(envelope("a@sender.test", "x@canon.test"), body, wake=False, canonical=True)
+        [tx] = rx.wait_for(1)
+    assert tx.data == body
+    assert tx.bare_newlines == 0

@@ -224,7 +224,13 @@ async def test_stopped_queue_refuses_work(tmp_path: Path) -> None:
 async def test_on_accepted_hands_over_the_message_as_stored(q: SqliteQueue) -> None:
     # What delivery is handed must be what it would read back: every field, both body kinds.
     handed: list[tuple[Any, bytes | None]] = []
-    q.on_accepted = lambda message, body: handed.append((message, body))
+    vouched: list[bool] = []
+
+    def hook(message: Any, body: bytes | None, canonical: bool) -> None:
+        handed.append((message, body))
+        vouched.append(canonical)
+
+    q.on_accepted = hook
     params = MailParams(size=1234, body="8BITMIME", smtputf8=True, ret="HDRS", envid="env-1", requiretls=True)
     rparams = (RcptParams(notify=("SUCCESS", "FAILURE"), orcpt="rfc822;bob@example.com"),
                RcptParams(notify=("NEVER",)), RcptParams())
@@ -235,7 +241,12 @@ async def test_on_accepted_hands_over_the_message_as_stored(q: SqliteQueue) -> N
     big_body = b"b" * (q.inline_max + 1)
     big = await queue_message(q, big_body, make_envelope(sender=None))
     held = await queue_message(q, envelope=dataclasses.replace(make_envelope(), hold_reason="quarantine: x"))
-    assert [m.id for m, _ in handed] == [small, big, held]
+    writer = q.body_writer()
+    writer.write(b"Subject: c\r\n\r\nchecked\r\n")
+    writer.canonical = True  # what the SMTP server sets after its decoder found no bare CR or LF
+    checked = await q.accept(make_envelope(), writer)
+    assert [m.id for m, _ in handed] == [small, big, held, checked]
+    assert vouched == [False, False, False, True]
     for message, _ in handed:
         assert message == await q.get(message.id)
     assert handed[0][1] == b"Subject: s\r\n\r\nsmall\r\n"
@@ -244,7 +255,7 @@ async def test_on_accepted_hands_over_the_message_as_stored(q: SqliteQueue) -> N
 
 
 async def test_a_failing_on_accepted_hook_loses_nothing(q: SqliteQueue) -> None:
-    def broken(message: Any, body: bytes | None) -> None:
+    def broken(message: Any, body: bytes | None, canonical: bool) -> None:
         raise RuntimeError("hook bug")
 
     q.on_accepted = broken

@@ -292,6 +292,19 @@ def test_long_lines_are_kept_and_flagged() -> None:
     assert inner.long_lines
 
 
+canonical_bytes = st.lists(st.sampled_from([b"\r\n", b".", b"a", b"\r\n.", b".\r\n", b"\x00", b"\xff"]),
+                          max_size=60).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(canonical_bytes, st.lists(st.integers(0, 200), max_size=6))
+def test_canonical_fast_path_matches_reference_for_any_split(content: bytes, cuts: list[int]) -> None:
+    # Content vouched canonical (CRLF only) is only dot-stuffed: the same wire form as the full encoder.
+    stuffer = DotStuffer(canonical=True)
+    encoded = b"".join(stuffer.feed(piece) for piece in split_at(content, cuts)) + stuffer.finish()
+    assert encoded == reference_encode(content)
+
+
 line_pieces = st.lists(st.sampled_from([b"x" * 400, b"x" * 598, b"x" * 599, b"y", b"\r\n", b"\n", b"\r", b"."]),
                       max_size=40).map(b"".join)
 

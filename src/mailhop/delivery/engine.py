@@ -50,7 +50,7 @@ from ..routing.router import Route, Router
 from .bounce import NoticeItem, Notifier
 from .mx import MxFailure, plan_mx
 from .throttle import Throttle
-from .transport import Candidate, Destination, Outcome, OutcomeKind, Transport
+from .transport import Candidate, CanonicalBody, Destination, Outcome, OutcomeKind, Transport
 
 if TYPE_CHECKING:
     from ..signing.outbound import OutboundSigner
@@ -60,6 +60,14 @@ __all__ = ["DeliveryEngine"]
 log = logging.getLogger("mailhop.delivery")
 _OPEN = (RcptStatus.PENDING, RcptStatus.DEFERRED)
 _IDLE_WAIT = 60.0  # longest sleep between looks at the queue when nothing is known to be due
+
+
+@dataclass(frozen=True, slots=True)
+class _Handed:
+    """An inline body handed over with its message at accept (``offer``)."""
+
+    data: bytes
+    canonical: bool  # its writer checked it has CRLF line ends only
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +165,17 @@ class DeliveryEngine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def offer(self, message: QueuedMessage, body: bytes | None) -> None:
-        """A message just committed: attempt it now (``body``: its inline body, None to read it from the queue),
-        or leave it to the scheduler when full, stopping, held or already in flight."""
+    def offer(self, message: QueuedMessage, body: bytes | None, canonical: bool = False) -> None:
+        """A message just committed: attempt it now (``body``: its inline body, None to read it from the queue;
+        ``canonical``: its writer checked it has CRLF line ends only), or leave it to the scheduler when full,
+        stopping, held or already in flight."""
         if (self._stopping or message.held or message.id in self._inflight
                 or len(self._inflight) >= self.max_inflight):
             self.wake()
             return
-        self._start(message, body)
+        self._start(message, None if body is None else _Handed(body, canonical))
 
-    def _start(self, message: QueuedMessage, body: bytes | None) -> None:
+    def _start(self, message: QueuedMessage, body: _Handed | None) -> None:
         task = asyncio.get_running_loop().create_task(self._process(message, body))
         self._inflight[message.id] = task
         task.add_done_callback(functools.partial(self._done, message.id))
@@ -196,7 +205,7 @@ class DeliveryEngine:
                 await asyncio.wait(pending, timeout=5)
 
     # -- one message ------------------------------------------------------------------------------------------------
-    async def _process(self, message: QueuedMessage, body: bytes | None) -> bool:
+    async def _process(self, message: QueuedMessage, body: _Handed | None) -> bool:
         """Whether the message is settled: every recipient attempted is now final."""
         try:
             return await self._deliver_message(message, body)
@@ -206,7 +215,7 @@ class DeliveryEngine:
             log.exception("delivery of %s failed unexpectedly; it stays queued", message.id)
             return False
 
-    async def _deliver_message(self, message: QueuedMessage, body: bytes | None) -> bool:
+    async def _deliver_message(self, message: QueuedMessage, body: _Handed | None) -> bool:
         now = self.clock()
         due = [r for r in message.recipients if r.status in _OPEN and r.next_attempt <= now]
         if not due:
@@ -250,15 +259,15 @@ class DeliveryEngine:
             routes[key] = route
         return [_Group(k[0], routes[k], k[1], tuple(v)) for k, v in buckets.items()]
 
-    async def _attempt(self, message: QueuedMessage, group: _Group, body: bytes | None) -> list[Outcome]:
+    async def _attempt(self, message: QueuedMessage, group: _Group, body: _Handed | None) -> list[Outcome]:
         destination = await self._destination(group)
         if isinstance(destination, Reply):
             kind = OutcomeKind.FAILED if destination.is_permanent else OutcomeKind.DEFERRED
             return [Outcome(r.idx, kind, destination) for r in group.recipients]
 
         async def open_body() -> BinaryIO:
-            if body is not None:
-                return io.BytesIO(body)
+            if body is not None:  # handed over with the message: a reader per transaction (BytesIO shares the bytes)
+                return CanonicalBody(body.data) if body.canonical else io.BytesIO(body.data)
             return await self.queue.open_body(message.id)
 
         opener = open_body if self.signer is None else await self.signer.open_signed(message, open_body)

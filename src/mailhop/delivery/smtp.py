@@ -25,7 +25,7 @@ from ..smtp.client import NO_CAPABILITIES, CommandError, parse_ehlo
 from ..smtp.encode import DotStuffer
 from .pool import ConnectionLost, ConnectionPool, PoolKey, SmtpConnection
 from .tls import make_client_context
-from .transport import BodyOpener, Candidate, Destination, Outcome, OutcomeKind, TlsPolicy
+from .transport import BodyOpener, Candidate, CanonicalBody, Destination, Outcome, OutcomeKind, TlsPolicy
 
 __all__ = ["SmtpTransport", "Timeouts"]
 
@@ -489,7 +489,7 @@ class SmtpTransport:
     async def _send_body(self, conn: SmtpConnection, attempt: _Attempt, body: BinaryIO) -> bool:
         """Stream the dot-stuffed content and the end marker; False (all deferred) on a local read error."""
         t = self.timeouts
-        stuffer = DotStuffer()
+        stuffer = DotStuffer(canonical=isinstance(body, CanonicalBody))
         held = b""  # the last encoded chunk goes out with the end marker: one write for most messages
         while True:
             try:

@@ -9,6 +9,7 @@ an exception out of ``deliver`` is a bug and the engine defers the recipients wi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,7 +18,7 @@ from typing import BinaryIO, Protocol
 from ..queue.model import QueuedMessage, RecipientState
 from ..reply import Reply
 
-__all__ = ["Candidate", "Destination", "Outcome", "OutcomeKind", "TlsPolicy", "Transport"]
+__all__ = ["Candidate", "CanonicalBody", "Destination", "Outcome", "OutcomeKind", "TlsPolicy", "Transport"]
 
 
 class TlsPolicy(StrEnum):
@@ -65,6 +66,12 @@ class Outcome:
 
 
 BodyOpener = Callable[[], Awaitable[BinaryIO]]
+
+
+class CanonicalBody(io.BytesIO):
+    """A body known to be canonical: every line ends in CRLF, no bare CR or LF, so the DATA encoder only
+    dot-stuffs it. Only bodies whose writer vouched for it qualify (``BodyWriter.canonical``: the SMTP server's
+    decoder refuses bare CR/LF, and our own header fields are folded with CRLF)."""
 
 
 class Transport(Protocol):

@@ -23,14 +23,16 @@ from .spool import BodyWriter
 
 __all__ = ["AcceptedHook", "QueueBackend"]
 
-# (the message as committed, its body when stored inline, else None)
-AcceptedHook = Callable[[QueuedMessage, bytes | None], None]
+# (the message as committed, its body when stored inline else None, whether the writer vouched that the body has
+# CRLF line ends only: BodyWriter.canonical)
+AcceptedHook = Callable[[QueuedMessage, bytes | None, bool], None]
 
 
 class QueueBackend(Protocol):
     on_accepted: AcceptedHook | None
     """Set by the daemon: called on the event loop right after each ``accept`` committed, with the message
-    exactly as ``get`` would return it and its body when small enough to be stored inline (None otherwise).
+    exactly as ``get`` would return it, its body when small enough to be stored inline (None otherwise) and
+    ``BodyWriter.canonical`` of its writer.
     The delivery engine starts on it at once, without reading back what it was just handed. A hook that
     raises fails nothing: the message is committed and stays queued."""
 

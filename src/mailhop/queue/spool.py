@@ -146,7 +146,8 @@ class BodyWriter:
     ``write`` calls raise the same class again, and ``accept`` refuses the writer.
     """
 
-    __slots__ = ("_buf", "_error", "_fd", "_inline_max", "_path", "_size", "_spool", "_state", "queue_id")
+    __slots__ = ("_buf", "_error", "_fd", "_inline_max", "_path", "_size", "_spool", "_state", "canonical",
+                 "queue_id")
 
     def __init__(self, spool: Spool, queue_id: str, inline_max: int = DEFAULT_INLINE_MAX) -> None:
         self.queue_id = queue_id
@@ -158,6 +159,9 @@ class BodyWriter:
         self._size = 0
         self._state = _OPEN
         self._error: QueueError | None = None
+        #: Set by a writer that checked the content has CRLF line ends only (the SMTP server does): delivery
+        #: then sends it without re-checking them. False (unknown) by default.
+        self.canonical = False
 
     @property
     def size(self) -> int:

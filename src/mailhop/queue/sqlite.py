@@ -206,7 +206,8 @@ class SqliteQueue:
         hook = self.on_accepted
         if hook is not None:
             try:
-                hook(queued_message(qid, envelope, now, body.size), None if inline is None else bytes(inline))
+                hook(queued_message(qid, envelope, now, body.size), None if inline is None else bytes(inline),
+                     body.canonical)
             except Exception:  # the message is committed: the delivery engine's queue scan finds it
                 log.exception("on_accepted hook failed for %s", queue_id)
         return queue_id

@@ -458,6 +458,7 @@ class SmtpSession(asyncio.Protocol):
             if body is not None:
                 body.abort()
             return event.error or self._body_error or R.LOCAL_ERROR
+        body.canonical = not event.bare_newline  # always, here: a bare CR or LF is an error above
         headers.finish()
         if headers.received_count > self.ctx.max_received_headers:
             body.abort()

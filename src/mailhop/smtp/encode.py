@@ -38,9 +38,12 @@ class DotStuffer:
     them would break DKIM signatures), leaving the decision to the receiver.
     """
 
-    __slots__ = ("_at_line_start", "_empty", "_pending_cr", "_run", "long_lines")
+    __slots__ = ("_at_line_start", "_canonical", "_empty", "_pending_cr", "_run", "long_lines")
 
-    def __init__(self) -> None:
+    def __init__(self, *, canonical: bool = False) -> None:
+        # canonical: the caller vouches that the content has CRLF line ends only (delivery.CanonicalBody);
+        # then only dot-stuffing is done, and long lines are not looked for (they were refused on the way in).
+        self._canonical = canonical
         self._pending_cr = False  # the last chunk ended in CR: it may pair with an LF in the next one
         self._at_line_start = True  # the next octet sent starts a line (data start counts as one)
         self._empty = True
@@ -59,9 +62,12 @@ class DotStuffer:
         if not chunk:
             return b""
         self._empty = False
-        out = canonicalize(chunk)
-        if not self.long_lines:
-            self._scan(out)
+        if self._canonical:
+            out = chunk
+        else:
+            out = canonicalize(chunk)
+            if not self.long_lines:
+                self._scan(out)
         out = out.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out[0] == 0x2E:
             out = b"." + out
