@@ -11,7 +11,7 @@ code runs per buffer (and once per line-limit window), never per line or per oct
 
 from __future__ import annotations
 
-__all__ = ["BdatDecoder", "ContentScanner", "DataDecoder"]
+__all__ = ["BdatDecoder", "ContentScanner", "DataDecoder", "lf_gap_at_least"]
 
 _END = b"\r\n.\r\n"
 _STUFFED = b"\r\n."
@@ -23,6 +23,23 @@ def take(buf: bytes | bytearray, start: int, stop: int) -> bytes:
         return bytes(buf[start:stop])  # short: two small copies beat setting up a memoryview
     with memoryview(buf) as view:
         return view[start:stop].tobytes()
+
+
+def lf_gap_at_least(data: bytes, start: int, last: int, gap: int) -> bool:
+    """Whether some LF in ``data[start:last + 1]`` lies ``gap`` or more octets after ``start`` or after the LF
+    before it, ``last`` being the index of an LF (``start`` a line start): a line too long.
+
+    From each line start p, the last LF within the next ``gap`` octets (memrchr) ends every line that starts
+    before it, so the next look starts after it; a window without an LF is the long line. About one C call per
+    ``gap`` octets, no regex and no loop per line."""
+    rfind = data.rfind
+    p = start
+    while last - p >= gap:
+        q = rfind(b"\n", p, p + gap)
+        if q < 0:
+            return True
+        p = q + 1
+    return False
 
 
 class ContentScanner:
@@ -98,17 +115,9 @@ class ContentScanner:
         if self._run + nl >= max_line or tail >= max_line:
             self.line_too_long = True
             return
-        # Between the first and the last LF: from each line start p, the last LF within the next max_line
-        # octets (memrchr) ends every line that starts before it, so the next look starts after it. A window
-        # without an LF is a run of max_line octets: a line too long. About one C call per max_line octets.
-        rfind = region.rfind
-        p = nl + 1
-        while last - p >= max_line:
-            q = rfind(b"\n", p, p + max_line)
-            if q < 0:
-                self.line_too_long = True
-                return
-            p = q + 1
+        if lf_gap_at_least(region, nl + 1, last, max_line):
+            self.line_too_long = True
+            return
         self._run = tail
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from .data import lf_gap_at_least
+
 __all__ = ["MAX_LINE", "DotStuffer", "canonicalize", "encode_data", "xtext"]
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6: octets per text line, CRLF excluded
@@ -93,20 +95,9 @@ class DotStuffer:
         last = out.rfind(b"\n")
         tail = len(out) - last - 1
         run, self._run = self._run, tail
-        if run + first > MAX_LINE or tail > MAX_LINE:
+        # Lines between the first and the last line end: too long when the LF lies _WINDOW or more octets on.
+        if run + first > MAX_LINE or tail > MAX_LINE or lf_gap_at_least(out, first + 2, last, _WINDOW):
             self.long_lines = True
-            return
-        # Lines between the first and the last line end: a line starting at p is too long when its LF lies
-        # _WINDOW or more octets on. The last LF within that window (memrchr) ends every line starting before
-        # it, so the next look starts after it: about one C call per _WINDOW octets, no regex.
-        rfind = out.rfind
-        p = first + 2
-        while last - p >= _WINDOW:
-            q = rfind(b"\n", p, p + _WINDOW)
-            if q < 0:
-                self.long_lines = True
-                return
-            p = q + 1
 
 
 def encode_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
