@@ -389,8 +389,10 @@ def test_a_scan_racing_a_hand_off_delivers_once(r: Rig) -> None:
         await gate["release"].wait()  # exclude= was computed before the message existed
         snapshot = await real_due(**kw)  # the message is committed and pending in this snapshot ...
         gate.pop("release")
-        while r.engine._inflight:  # ... and attempted and recorded before the scan returns
-            await asyncio.sleep(0.01)
+        attempts = list(r.engine._inflight.values())
+        if attempts:  # ... and attempted and recorded before the scan returns
+            await asyncio.wait(attempts)
+        assert not r.engine._inflight
         return snapshot
 
     async def arm() -> None:
