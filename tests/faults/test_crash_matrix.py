@@ -16,7 +16,8 @@ Each case runs three daemons on one spool:
    a time (raw SMTP) until the daemon dies. Each submission ends "accepted" (250), "in doubt" (the whole DATA
    was sent but the reply was lost to the crash) or "unsent" (the DATA never fully left the client).
    For the delivery-side points the deferred recipient is flushed first, so the crash hits the second attempt of
-   ``pre``, whose other recipient is already recorded as delivered.
+   ``pre``, whose other recipient is already recorded as delivered; the clients connect only after that crash
+   (a message accepted before it would be handed to delivery at once and might be the attempt that crashes).
 2. no crash: flush, restart, submit one more message, wait for an empty queue.
 
 The oracle (deliveries counted per unique ``X-Token`` header and recipient at the receivers):
@@ -186,6 +187,10 @@ def test_crash_point_matrix(tmp_path: Path, dns: TestDns, port: int, point: str)
             assert "1 recipient(s)" in mailhop(cfg, "queue", "flush")  # y is due: its attempt will crash
         relay = start_relay(cfg, "127.0.0.1", relay_port, spool, env={"MAILHOP_CRASH_AT": point}, loop=LOOP)
         unfinished: Client | None = None
+        if point in DELIVERY_SIDE:
+            # Let y's attempt be the one that crashes: a message accepted meanwhile is handed to delivery at
+            # once and could finish first. The clients below then find the daemon gone (unsent).
+            assert relay.proc.wait(timeout=20) == 137, relay.log()
         try:
             try:
                 unfinished = open_transaction(relay, ["u@dest.test"])
