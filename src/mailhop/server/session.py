@@ -121,8 +121,7 @@ class SmtpSession(asyncio.Protocol):
         self.checks: SessionChecks | None = None  # set when the listener has a policy chain
         self._received = b""  # our Received: field, the first bytes of the stored body
         self._deadline = 0.0  # loop time when the current wait for input times out
-        self._timer: asyncio.TimerHandle | None = None  # fires at _timer_at (<= _deadline) while armed
-        self._timer_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # armed for _deadline or earlier while it exists
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,10 +208,9 @@ class SmtpSession(asyncio.Protocol):
         # deadline is later than the last, so a timer left from an earlier wait fires early, finds the
         # deadline moved and re-arms itself (about once per timeout period instead of once per command).
         self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
+        if self._timer is None or self._timer.when() > deadline:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer_at = deadline
             self._timer = loop.call_at(deadline, self._on_timer)
         self._idle = not self.conn.in_transaction
         try:
@@ -230,7 +228,6 @@ class SmtpSession(asyncio.Protocol):
         if loop.time() >= self._deadline:
             waiter.set_result(False)
         else:
-            self._timer_at = self._deadline
             self._timer = loop.call_at(self._deadline, self._on_timer)
 
     async def _run(self) -> None:

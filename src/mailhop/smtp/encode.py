@@ -44,7 +44,8 @@ class DotStuffer:
 
     def __init__(self, *, canonical: bool = False) -> None:
         # canonical: the caller vouches that the content has CRLF line ends only (delivery.CanonicalBody);
-        # then only dot-stuffing is done, and long lines are not looked for (they were refused on the way in).
+        # then only dot-stuffing is done, and long lines are not looked for (the server refused lines over its
+        # max_text_line on the way in; long_lines only feeds a log line).
         self._canonical = canonical
         self._pending_cr = False  # the last chunk ended in CR: it may pair with an LF in the next one
         self._at_line_start = True  # the next octet sent starts a line (data start counts as one)
