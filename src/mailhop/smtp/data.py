@@ -5,11 +5,13 @@ is absolute: DATA ends only at CRLF "." CRLF (the start of data counting as prec
 or bare LF never ends anything and never starts a line; it is passed through as content and flagged so
 the session can refuse the message. Inside BDAT chunks nothing is special at all.
 
-All scanning is done with bytes.find/rfind/count/replace, so the per-octet work runs in C; the Python code
-runs per buffer (and once per line-limit window), never per line or per octet.
+All scanning is done by vectorised find/rfind/count (``smtp.scan``) and ``bytes.replace``, so the per-octet
+work runs in C; the Python code runs per buffer (and once per line-limit window), never per line or per octet.
 """
 
 from __future__ import annotations
+
+from .scan import count, find, rfind
 
 __all__ = ["BdatDecoder", "ContentScanner", "DataDecoder", "lf_gap_at_least"]
 
@@ -32,10 +34,9 @@ def lf_gap_at_least(data: bytes, start: int, last: int, gap: int) -> bool:
     From each line start p, the last LF within the next ``gap`` octets (memrchr) ends every line that starts
     before it, so the next look starts after it; a window without an LF is the long line. About one C call per
     ``gap`` octets, no regex and no loop per line."""
-    rfind = data.rfind
     p = start
     while last - p >= gap:
-        q = rfind(b"\n", p, p + gap)
+        q = rfind(data, b"\n", p, p + gap)
         if q < 0:
             return True
         p = q + 1
@@ -88,29 +89,29 @@ class ContentScanner:
             self._pending_cr = False
 
     def _scan_newlines(self, region: bytes) -> None:
-        # Three counts (passes in C, ~0.5 ns/octet) instead of a regex (~3 ns/octet, stepping through sre):
-        # every CR but a final one must start a CRLF, and every LF must end one (or complete a CR held over
-        # from the previous piece).
+        # Three vectorised counts (~0.4 ns/octet together; bytes.count took ~1.8, a regex ~3): every CR but a
+        # final one must start a CRLF, and every LF must end one (or complete a CR held over from the
+        # previous piece).
         pending = self._pending_cr
         if pending and region[0] != 0x0A:
             self.bare_newline = True
             return
         ends_cr = region[-1] == 0x0D
-        pairs = region.count(b"\r\n")
-        if region.count(b"\r") - ends_cr != pairs or region.count(b"\n") - pending != pairs:
+        pairs = count(region, b"\r\n")
+        if count(region, b"\r") - ends_cr != pairs or count(region, b"\n") - pending != pairs:
             self.bare_newline = True
             return
         self._pending_cr = ends_cr
 
     def _scan_lines(self, region: bytes, n: int) -> None:
         max_line = self._max_line
-        nl = region.find(b"\n")
+        nl = find(region, b"\n")
         if nl < 0:
             self._run += n
             if self._run >= max_line:
                 self.line_too_long = True
             return
-        last = region.rfind(b"\n")
+        last = rfind(region, b"\n")
         tail = n - last - 1
         if self._run + nl >= max_line or tail >= max_line:
             self.line_too_long = True
@@ -154,7 +155,7 @@ class DataDecoder(ContentScanner):
             self._at_start = False
         # One scan for CRLF "." finds both the end marker and the first dot to unstuff; in the common
         # case (no line starts with ".") it is the only scan needed to delimit the content.
-        i = buf.find(_STUFFED, pos)
+        i = find(buf, _STUFFED, pos)
         if i < 0:
             stop = end - 2 if buf.endswith(b"\r\n", pos) else end - 1 if buf.endswith(b"\r", pos) else end
             if stop <= pos:
@@ -168,7 +169,7 @@ class DataDecoder(ContentScanner):
         if buf[i + 3] == 0x0D and buf[i + 4] == 0x0A:
             return self._ended(take(buf, pos, i + 2), i + 5)
         # A dot-stuffed line: find the real end, then unstuff the whole region in one replace.
-        j = buf.find(_END, i)
+        j = find(buf, _END, i)
         if j >= 0:
             return self._ended(self._unstuff(buf, pos, j + 2), j + 5)
         # Hold back a suffix that may be the start of the marker (or of CRLF "." to unstuff).

@@ -5,7 +5,8 @@ lines starting with "." and overlong lines, split at arbitrary chunk boundaries.
 output is canonical: every line ends in CRLF, no bare CR or LF leaves mailhop (so no receiver can be
 tricked into seeing an end of data we did not mean: SMTP smuggling), and the only end marker is ours.
 
-All work is whole-chunk ``bytes.replace``/``count``/``rfind``, never a loop per line.
+All work is whole-chunk ``bytes.replace`` and vectorised ``count``/``find``/``rfind`` (``smtp.scan``), never a
+loop per line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from .data import lf_gap_at_least
+from .scan import count, find, rfind
 
 __all__ = ["MAX_LINE", "DotStuffer", "canonicalize", "encode_data", "xtext"]
 
@@ -27,8 +29,8 @@ _XTEXT_SPECIAL = re.compile(rb"[^\x21-\x2a\x2c-\x3c\x3e-\x7e]")
 
 def canonicalize(data: bytes) -> bytes:
     """Every CRLF, bare CR and bare LF becomes CRLF (the reference meaning of "line end")."""
-    n = data.count(b"\n")
-    if data.count(b"\r") == n and data.count(b"\r\n") == n:
+    n = count(data, b"\n")
+    if count(data, b"\r") == n and count(data, b"\r\n") == n:
         return data  # already canonical: the common case costs three counts
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
@@ -71,7 +73,8 @@ class DotStuffer:
             out = canonicalize(chunk)
             if not self.long_lines:
                 self._scan(out)
-        out = out.replace(b"\r\n.", b"\r\n..")
+        if find(out, b"\r\n.") >= 0:  # bytes.replace would scan for it at a fifth of the speed
+            out = out.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out[0] == 0x2E:
             out = b"." + out
         self._at_line_start = out.endswith(b"\r\n")
@@ -88,12 +91,12 @@ class DotStuffer:
 
     def _scan(self, out: bytes) -> None:
         # ``out`` is canonical: every CR starts a CRLF, so CR positions are line ends.
-        first = out.find(b"\r")
+        first = find(out, b"\r")
         if first < 0:
             self._run += len(out)
             self.long_lines = self._run > MAX_LINE
             return
-        last = out.rfind(b"\n")
+        last = rfind(out, b"\n")
         tail = len(out) - last - 1
         run, self._run = self._run, tail
         # Lines between the first and the last line end: too long when the LF lies _WINDOW or more octets on.
