@@ -67,6 +67,9 @@ def field_values(block: bytes, name: str) -> list[str]:
     return out
 
 
+# What cannot stand in the HELO name we echo inside "from ... ( )": anything but printable ASCII, and ( ) \\.
+_NOT_IN_COMMENT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")
+
 _date_cache: tuple[int, str] = (0, "")
 
 
@@ -91,7 +94,7 @@ def received_header(
     user: str | None = None,
 ) -> bytes:
     """Our trace header. ``recipient`` is named only when the message has exactly one (privacy, as Postfix)."""
-    helo_clean = "".join(ch for ch in helo if 32 < ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
+    helo_clean = _NOT_IN_COMMENT.sub("", helo)[:255] or "unknown"
     lines = [f"Received: from {helo_clean} ([{client_ip}])"]
     if user:
         lines.append(f"\t(Authenticated sender: {''.join(ch for ch in user if 32 < ord(ch) < 127 and ch not in '()')})")

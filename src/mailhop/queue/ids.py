@@ -23,31 +23,43 @@ _RAND_MASK = (1 << _RAND_BITS) - 1
 _ID_RE = re.compile(f"[{ALPHABET}]{{{ID_LENGTH}}}")
 _DECODE = {c: i for i, c in enumerate(ALPHABET)}
 
+# Two characters per table entry: 10 bits per lookup, 8 lookups per id.
+_PAIRS = [a + b for a in ALPHABET for b in ALPHABET]
+_SHIFTS = tuple(range((ID_LENGTH - 2) * 5, -1, -10))
+_POOL_SIZE = 4096  # octets of randomness drawn at once: one getrandom() per ~800 ids instead of one per id
+
 _lock = threading.Lock()
 _last_ms = 0
 _last_rand = 0
+_pool = b""
+_pool_at = 0
 
 
 def _fresh_random() -> int:
-    return int.from_bytes(os.urandom(5), "big") & _RAND_MASK
+    # Called with _lock held.
+    global _pool, _pool_at
+    if _pool_at + 5 > len(_pool):
+        _pool, _pool_at = os.urandom(_POOL_SIZE), 0
+    at = _pool_at
+    _pool_at = at + 5
+    return int.from_bytes(_pool[at:at + 5], "big") & _RAND_MASK
 
 
 def _reset_after_fork() -> None:
-    # A forked child must not continue the parent's sequence: both would hand out the same ids.
-    global _last_ms, _last_rand
+    # A forked child must not continue the parent's sequence, nor draw from its pool of random octets: both
+    # would hand out the same ids.
+    global _last_ms, _last_rand, _pool, _pool_at
     _last_ms = 0
     _last_rand = 0
+    _pool, _pool_at = b"", 0
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _encode(n: int) -> str:
-    chars = []
-    for _ in range(ID_LENGTH):
-        chars.append(ALPHABET[n & 31])
-        n >>= 5
-    return "".join(reversed(chars))
+    pairs = _PAIRS
+    return "".join([pairs[(n >> shift) & 1023] for shift in _SHIFTS])
 
 
 def new_queue_id(now: float | None = None) -> str:

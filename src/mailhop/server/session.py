@@ -97,6 +97,8 @@ class SmtpSession(asyncio.Protocol):
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (fork check), ~6 per message.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn = ServerConnection(ctx.settings)
         self.client_ip = ""
@@ -149,7 +151,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self.trusted = self.ctx.relay.is_trusted(self.client_ip)
         self.ctx.state.sessions.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
         if self._upgrading is not None:
@@ -202,7 +204,7 @@ class SmtpSession(asyncio.Protocol):
         if self._paused and not self._write_paused and self.transport is not None and not self._closed:
             self.transport.resume_reading()
             self._paused = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = loop.create_future()
         # One timer per session, not one per wait: a session waits several times per message and each
         # deadline is later than the last, so a timer left from an earlier wait fires early, finds the
@@ -254,7 +256,7 @@ class SmtpSession(asyncio.Protocol):
                 self._write_raw(refused.to_bytes())
                 return
         conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
         # that every byte restarts: a slowloris client trickling one byte at a time of a never-ending command
         # line still gets its 421 4.4.2 after command_timeout.
@@ -543,7 +545,7 @@ class SmtpSession(asyncio.Protocol):
         self._paused = True
         self.conn.send(R.READY_TLS)
         self._flush()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._upgrading = []
         try:
             new_transport = await loop.start_tls(

@@ -15,6 +15,7 @@ Credentials are never checked here.
 from __future__ import annotations
 
 import binascii
+import functools
 
 from ..address import Mailbox
 from ..envelope import Recipient
@@ -85,9 +86,17 @@ def _check_auth_reply(reply: Reply) -> None:
         raise ValueError(f"answer an AUTH step with 334, 235 or a 4xx/5xx, not {code}")
 
 
+@functools.lru_cache(maxsize=64)
+def _wire_multiline(reply: Reply) -> bytes:
+    return reply.to_bytes()
+
+
 def _wire(reply: Reply) -> bytes:
     wire = _CATALOGUE_WIRE.get(id(reply))
-    return reply.to_bytes() if wire is None else wire
+    if wire is not None:
+        return wire
+    # The EHLO reply, the one multi-line reply, is equal for every session of a listener: encoded once.
+    return _wire_multiline(reply) if reply.extra else reply.to_bytes()
 
 
 class ServerConnection:
