@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .mailhop import running_mailhop
+from .procs import tree_cpu_seconds
 from .postfix import PrivatePostfix, private_postfix, require
 
 __all__ = [
@@ -149,11 +150,15 @@ def run_mailhop(
     result = RunResult("mailhop", repeat)
     with running_mailhop(root, executable, loop=loop) as relay:
         profiler = start_profiler(relay, profile_dir, root.name) if profile_dir else None
+        assert relay.pid is not None
+        cpu_before = tree_cpu_seconds(relay.pid)
         try:
             time_smtp_source(workload, relay.address, result)
         finally:
             if profiler is not None:
                 finish_profiler(profiler, result)
+        cpu = tree_cpu_seconds(relay.pid) - cpu_before
+        result.notes.append(f"mailhop CPU {cpu:.2f} s = {cpu / workload.messages * 1e6:.0f} us per message")
         check = relay.check_queue(workload.sender, workload.recipient_addresses())
         problem = check.problem(workload.messages)
         if problem:

@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = [
     "BenchError",
     "find_program",
+    "tree_cpu_seconds",
     "free_port",
     "pid_alive",
     "port_open",
@@ -28,6 +29,37 @@ __all__ = [
 ]
 
 POLL_INTERVAL = 0.05
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) is index 0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid``, all its threads and its live descendants.
+
+    A steadier measure than throughput on a shared VM: the work per message, whoever else runs."""
+    children: dict[int, list[int]] = {}
+    own: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))  # field 4: ppid
+        own[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14, 15: utime, stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += own.get(p, 0.0)
+        todo.extend(children.get(p, ()))
+    return total
 
 
 class BenchError(RuntimeError):
