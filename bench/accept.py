@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .mailhop import running_mailhop
-from .procs import tree_cpu_seconds
 from .postfix import PrivatePostfix, private_postfix, require
+from .procs import tree_cpu_seconds
 
 __all__ = [
     "ACCEPT_ONLY",
@@ -126,6 +126,11 @@ class RunResult:
         return self.messages / self.seconds if self.ok else None
 
 
+def note_cpu(result: RunResult, seconds: float, messages: int) -> None:
+    """Note mailhop's CPU time over the timed part of a run, in all and per message."""
+    result.notes.append(f"mailhop CPU {seconds:.2f} s = {seconds / messages * 1e6:.0f} us per message")
+
+
 def time_smtp_source(workload: Workload, address: str, result: RunResult) -> None:
     """Run smtp-source against address and record its wall time; any error output is a problem."""
     argv = workload.argv(require("smtp-source"), address)
@@ -157,8 +162,7 @@ def run_mailhop(
         finally:
             if profiler is not None:
                 finish_profiler(profiler, result)
-        cpu = tree_cpu_seconds(relay.pid) - cpu_before
-        result.notes.append(f"mailhop CPU {cpu:.2f} s = {cpu / workload.messages * 1e6:.0f} us per message")
+        note_cpu(result, tree_cpu_seconds(relay.pid) - cpu_before, workload.messages)
         check = relay.check_queue(workload.sender, workload.recipient_addresses())
         problem = check.problem(workload.messages)
         if problem:

@@ -19,11 +19,11 @@ from pathlib import Path
 __all__ = [
     "BenchError",
     "find_program",
-    "tree_cpu_seconds",
     "free_port",
     "pid_alive",
     "port_open",
     "stop_process",
+    "tree_cpu_seconds",
     "wait_pid_gone",
     "wait_until",
 ]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mailhop.queue.ids import new_queue_id
 from mailhop.queue.rows import INSERT_BODY, INSERT_MESSAGE, ensure_schema
+from mailhop.queue.sqlite import DEFAULT_PAGE_SIZE
 
 __all__ = ["FillStats", "domain_name", "fill_queue", "held_count"]
 
@@ -69,6 +70,7 @@ def fill_queue(spool: Path, messages: int, domains: int) -> FillStats:
         raise FileExistsError(f"{db} exists: fill_queue builds a new spool")
     conn = sqlite3.connect(db, isolation_level=None)
     try:
+        conn.execute(f"PRAGMA page_size={DEFAULT_PAGE_SIZE}")  # as mailhop would create it
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("PRAGMA cache_size=-1000000")  # 1 GB of page cache: index inserts stay in memory

@@ -21,10 +21,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .accept import RunResult, Workload, check_postfix_relayed, postfix_at_sink
+from .accept import RunResult, Workload, check_postfix_relayed, note_cpu, postfix_at_sink
 from .mailhop import DEFAULT_PER_DESTINATION, MAILHOP_RCPTS_PER_TRANSACTION, MailhopRelay, running_mailhop
 from .postfix import SmtpSink, private_postfix, require
-from .procs import BenchError, stop_process
+from .procs import BenchError, stop_process, tree_cpu_seconds
 from .profiling import finish_profiler, start_profiler
 
 __all__ = ["check_log", "run_mailhop_relay", "run_postfix_relay", "time_relay"]
@@ -133,11 +133,14 @@ def run_mailhop_relay(
         ) as relay:
             profiler = start_profiler(relay, profile_dir, root.name) if profile_dir else None
             expected = workload.at_sink(MAILHOP_RCPTS_PER_TRANSACTION)
+            assert relay.pid is not None
+            cpu_before = tree_cpu_seconds(relay.pid)
             try:
                 time_relay(workload, relay.address, sink, root, result, expected)
             finally:
                 if profiler is not None:
                     finish_profiler(profiler, result)
+            note_cpu(result, tree_cpu_seconds(relay.pid) - cpu_before, workload.messages)
             if result.problems:
                 result.notes.append(f"queue.db rows left: {relay.db_rows()}")
             else:

@@ -72,7 +72,8 @@ class Daemon:
                 update={"path": shard_path(config.queue.path, worker)})})
         self.config = config
         lim = config.limits
-        self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max)
+        self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max,
+                                 page_size=config.queue.page_size)
         self.relay = RelayPolicy(config.relay.trusted_networks, config.relay.domains)
         self.tls = TlsContexts()
         # The one resolver: policy checks and delivery share its cache and its nameserver configuration.

@@ -19,7 +19,7 @@ from contract import FakeClock, make_envelope, queue_message, read_all
 from mailhop.envelope import MailParams, RcptParams
 from mailhop.errors import QueueError, QueueFullError
 from mailhop.queue import SqliteQueue, spool
-from mailhop.queue.sqlite import SCHEMA_VERSION
+from mailhop.queue.sqlite import DEFAULT_PAGE_SIZE, SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 KB = 1024
@@ -78,6 +78,35 @@ async def test_inline_max_is_configurable(tmp_path: Path) -> None:
         assert body_files(backend) == [backend.spool.body_path(qid)]
     finally:
         await backend.stop()
+
+
+async def test_page_size_applies_to_a_new_spool_only(tmp_path: Path) -> None:
+    async def page_size_of(backend: SqliteQueue) -> int:
+        return int(await on_writer(backend, lambda c: c.execute("PRAGMA page_size").fetchone()[0]))
+
+    fresh = SqliteQueue(tmp_path / "s")
+    await fresh.start()
+    try:
+        assert await page_size_of(fresh) == DEFAULT_PAGE_SIZE == 32768
+        qid = await queue_message(fresh, b"x" * (100 * KB))
+    finally:
+        await fresh.stop()
+    # Reopened with another setting: the database keeps the size it was made with, and its mail.
+    again = SqliteQueue(tmp_path / "s", page_size=4096)
+    await again.start()
+    try:
+        assert await page_size_of(again) == 32768
+        assert await read_all(again, qid) == b"x" * (100 * KB)
+    finally:
+        await again.stop()
+    small = SqliteQueue(tmp_path / "t", page_size=4096)
+    await small.start()
+    try:
+        assert await page_size_of(small) == 4096
+    finally:
+        await small.stop()
+    with pytest.raises(ValueError, match="page_size must be one of"):
+        SqliteQueue(tmp_path / "u", page_size=5000)
 
 
 @pytest.mark.parametrize(("err", "exc_type"), [(errno.EIO, QueueError), (errno.ENOSPC, QueueFullError)])

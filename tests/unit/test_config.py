@@ -70,8 +70,10 @@ max_recipients = 1000
         ('[tls]\ncertificate = "c.pem"\n', "tls", "both"),
         ('hostname = "not a host"\n', "hostname", "fully qualified"),
         ('[[listener]]\naddress = "127.0.0.1:25"\n[[listener]]\naddress = "127.0.0.1:25"\n', "listener", "twice"),
+        ("[queue]\npage_size = 5000\n", "queue.page_size", "use 4096, 8192, 16384, 32768 or 65536"),
     ],
-    ids=["no-port", "name-not-ip", "bad-cidr", "bad-domain", "too-few-rcpts", "typo", "tls-half", "hostname", "dup"],
+    ids=["no-port", "name-not-ip", "bad-cidr", "bad-domain", "too-few-rcpts", "typo", "tls-half", "hostname", "dup",
+         "page-size"],
 )
 def test_errors_name_key_and_fix(tmp_path: Path, text: str, key: str, hint: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -35,7 +35,8 @@ def _each(config_path: Path, action: Callable[[SqliteQueue], Awaitable[T]]) -> l
         for path in shard_paths(config.queue.path, config.workers):
             if path != config.queue.path and not (path / "queue.db").exists():
                 continue
-            backend = SqliteQueue(path, inline_max=config.queue.inline_body_max)
+            backend = SqliteQueue(path, inline_max=config.queue.inline_body_max,
+                                  page_size=config.queue.page_size)
             await backend.start(recover=False)
             try:
                 out.append(await action(backend))

@@ -163,6 +163,12 @@ class QueueConfig(_Section):
         description="Bodies up to this many bytes are stored inside the database (one fsync per batch); larger ones "
         "are streamed to files.",
     )
+    page_size: int = Field(
+        32768,
+        description="SQLite page size in bytes (4096, 8192, 16384, 32768 or 65536) of a spool database when it is "
+        "created; an existing spool keeps its own. Large pages write large bodies with fewer system calls; small "
+        "ones write less per status update (4096 suits a relay of only small messages).",
+    )
     health_probe_interval: float = Field(
         5.0,
         gt=0,
@@ -171,6 +177,13 @@ class QueueConfig(_Section):
         "from the disk) clients get 421 4.3.2; the first probe that writes and fsyncs a file and a database "
         "transaction restores service. See docs/reliability.md.",
     )
+
+    @field_validator("page_size")
+    @classmethod
+    def _check_page_size(cls, value: int) -> int:
+        if value not in (4096, 8192, 16384, 32768, 65536):
+            raise ValueError(f"{value} is not a SQLite page size: use 4096, 8192, 16384, 32768 or 65536")
+        return value
 
 
 class LimitsConfig(_Section):
