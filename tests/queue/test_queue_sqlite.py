@@ -18,7 +18,7 @@ from contract import FakeClock, make_envelope, queue_message, read_all
 
 from mailhop.envelope import MailParams, RcptParams
 from mailhop.errors import QueueError, QueueFullError
-from mailhop.queue import SqliteQueue, spool
+from mailhop.queue import SqliteQueue, commit, mark_delivered, mark_failed, spool
 from mailhop.queue.sqlite import DEFAULT_PAGE_SIZE, SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
@@ -290,3 +290,65 @@ async def test_a_failing_on_accepted_hook_loses_nothing(q: SqliteQueue) -> None:
     q.on_accepted = broken
     qid = await queue_message(q)
     assert (await q.get(qid)) is not None
+
+
+async def wait_for(predicate: Callable[[], bool], within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_delivery_records_are_synced_lazily_and_then_for_sure(q: SqliteQueue, clock: FakeClock) -> None:
+    committer = q._committer
+    assert committer is not None
+    qid = await queue_message(q, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")))
+    m = await q.get(qid)
+    assert m is not None
+    # A record alone commits without its own fsync; with nothing else to write, the writer syncs within the delay.
+    assert await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]) is False
+    assert committer.lazy_commits == 1
+    await wait_for(lambda: committer.lazy_syncs == 1, within=10 * commit.LAZY_SYNC_DELAY + 1)
+    assert await on_writer(q, lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
+    # An accept right after a record is a synchronous commit whose fsync covers the record: no extra sync.
+    m = await q.get(qid)
+    assert m is not None
+    assert await q.record(qid, [mark_failed(m.recipients[1], "550 no", now=clock.now)]) is True
+    await queue_message(q)
+    assert committer.lazy_commits == 2
+    await asyncio.sleep(3 * commit.LAZY_SYNC_DELAY)
+    assert committer.lazy_syncs == 1
+    assert await on_writer(q, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL for accepts
+
+
+async def test_a_record_that_removes_a_body_file_syncs_before_the_file_goes(q: SqliteQueue, clock: FakeClock) -> None:
+    committer = q._committer
+    assert committer is not None
+    qid = await queue_message(q, b"f" * (q.inline_max + 1))
+    path = q.spool.body_path(qid)
+    m = await q.get(qid)
+    assert m is not None and path.exists()
+    syncs = committer.lazy_syncs
+    assert await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]) is True
+    # Synced in the same round, before the removal and before record() returned: not left to the timer.
+    assert committer.lazy_syncs == syncs + 1
+    assert not path.exists()
+
+
+async def test_stop_syncs_a_pending_record(tmp_path: Path, clock: FakeClock) -> None:
+    backend = SqliteQueue(tmp_path / "s", clock=clock)
+    await backend.start()
+    qid = await queue_message(backend)
+    m = await backend.get(qid)
+    assert m is not None
+    committer = backend._committer
+    assert committer is not None
+    await backend.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)])
+    await backend.stop()  # at once, well inside the delay
+    assert committer.lazy_syncs == 1
+    again = SqliteQueue(tmp_path / "s", clock=clock)
+    await again.start()
+    try:
+        assert await again.get(qid) is None
+    finally:
+        await again.stop()

@@ -99,11 +99,13 @@ class QueueBackend(Protocol):
 
     async def record(self, queue_id: str, updates: Iterable[RecipientState], *,
                      notices: Sequence[tuple[Envelope, bytes]] = (), warned: bool = False) -> bool:
-        """Record one delivery attempt's results in ONE durable transaction: the recipient states (final ones
+        """Record one delivery attempt's results in ONE transaction: the recipient states (final ones
         in storage never change), the notices it produced (DSNs, enqueued as new messages with inline bodies),
         and the message's delay-warned flag. When no recipient is left pending or deferred, the message and
         its body are removed in the same transaction. Returns True when the message was completed. A crash
-        before the commit records nothing (the attempt in flight may be repeated); after it, all of it."""
+        before the commit records nothing (the attempt in flight may be repeated); after it, all of it. A
+        backend may make the commit durable a little later (SQLite: with the next accept, or within 0.1 s):
+        a power cut in between can only undo the record, i.e. repeat the attempt."""
         ...
 
     async def due(self, *, limit: int = 100, exclude: Collection[str] = ()) -> builtins.list[QueuedMessage]:

@@ -16,6 +16,15 @@ Body files are fsynced (file, then directory) before their accept request is que
 in a worker thread, see ``sqlite.py``), so by the time a row that points to a file is inserted, the file is
 durable; the COMMIT is the marker that makes the message exist.
 
+Lazy sync: a batch of nothing but delivery records (``OpRequest.lazy_sync``) commits with
+``synchronous=NORMAL``: written to the WAL (so no process crash can lose it) but not fsynced. The WAL is written
+in order, so the next synchronous commit's fsync (any accept) covers it too; when none comes within
+``LAZY_SYNC_DELAY`` the thread syncs on its own (a one-page write committed with ``synchronous=FULL``), and
+it syncs at once when an operation asks to remove a body file after its commit, and when it stops. Only a power
+cut inside that window can undo such a record, and an undone record only makes its delivery attempt run again
+(a duplicate, never a loss): the accepted mail itself is always committed synchronously. Postfix, for
+comparison, never syncs the removal of a delivered queue file.
+
 Failure: if any statement of the batch's transaction or the COMMIT fails, the transaction is rolled back,
 every waiter of the batch gets the error (SQLITE_FULL/ENOSPC -> QueueFullError, anything else ->
 QueueError), the body files of the batch's accepts are removed, and the thread goes on with the next batch
@@ -47,6 +56,8 @@ __all__ = ["AcceptRequest", "GroupCommitter", "OpRequest", "queue_error_from_exc
 log = logging.getLogger("mailhop.queue")
 
 SQLITE_FULL = 13
+# A lazily synced commit reaches stable storage with the next synchronous commit, or this many seconds later.
+LAZY_SYNC_DELAY = 0.1
 
 # An admin operation runs in the writer thread inside the batch's transaction. It returns its result and
 # an optional callback to run after the COMMIT succeeded (e.g. unlink the body file of a deleted message).
@@ -67,6 +78,9 @@ class AcceptRequest:
 class OpRequest:
     future: asyncio.Future[Any]
     operation: Operation
+    # Committed without its own fsync (see "Lazy sync" in the module docstring): only for writes whose loss in a
+    # power cut is harmless to repeat, i.e. delivery outcomes.
+    lazy_sync: bool = False
 
 
 def queue_error_from_exception(exc: BaseException) -> Callable[[], QueueError]:
@@ -105,6 +119,10 @@ class GroupCommitter:
         self._requests: queue.SimpleQueue[AcceptRequest | OpRequest | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mailhop-queue-writer", daemon=True)
         self._closed = False
+        self._synchronous_full = True  # the connection's current PRAGMA synchronous: FULL, or NORMAL
+        self._unsynced = False  # a lazily synced commit is not yet covered by an fsync
+        self.lazy_commits = 0
+        self.lazy_syncs = 0  # syncs the thread made on its own for lazily synced commits
         # Counters for tests and metrics (written by the writer thread only).
         self.batches = 0  # committed transactions
         self.failed_batches = 0
@@ -134,7 +152,14 @@ class GroupCommitter:
         requests = self._requests
         stopping = False
         while not stopping:
-            first = requests.get()
+            if self._unsynced:
+                try:
+                    first = requests.get(timeout=LAZY_SYNC_DELAY)
+                except queue.Empty:
+                    self._sync()
+                    continue
+            else:
+                first = requests.get()
             if first is None:
                 break
             batch = [first]
@@ -151,6 +176,8 @@ class GroupCommitter:
                 self._process(batch)
             except BaseException:  # never let the writer die: every later accept would hang
                 log.exception("queue writer: unexpected error")
+        if self._unsynced:
+            self._sync()
         # Anything submitted after the stop marker (a race with stop()) is answered, not left hanging.
         leftover: list[AcceptRequest | OpRequest] = []
         while True:
@@ -168,7 +195,9 @@ class GroupCommitter:
         ops = [r for r in batch if isinstance(r, OpRequest)]
         conn = self._conn
         op_outcomes: list[tuple[OpRequest, Any, Callable[[], None] | None, BaseException | None]] = []
+        lazy = not accepts and all(op.lazy_sync for op in ops)
         try:
+            self._set_synchronous(full=not lazy)
             conn.execute("BEGIN IMMEDIATE")
             if accepts:
                 conn.executemany(self._insert_message, [a.message_row for a in accepts])
@@ -200,6 +229,13 @@ class GroupCommitter:
             self._health.mark_ok()
         self.batches += 1
         self.accepted += len(accepts)
+        if lazy:
+            self.lazy_commits += 1
+            self._unsynced = True
+            if any(after is not None for _, _, after, error in op_outcomes if error is None):
+                self._sync()  # a body file goes only once the row that named it is gone for good
+        else:
+            self._unsynced = False  # this commit's fsync covered every earlier WAL frame as well
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
             (a.future, a.queue_id, None) for a in accepts
         ]
@@ -213,6 +249,26 @@ class GroupCommitter:
                         log.exception("queue writer: post-commit action failed")
             results.append((op.future, value, error))
         self._resolve(results)
+
+    def _set_synchronous(self, *, full: bool) -> None:
+        # SQLite refuses to change it inside a transaction: set before BEGIN, only when it changes.
+        if full != self._synchronous_full:
+            self._conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+            self._synchronous_full = full
+
+    def _sync(self) -> None:
+        """Make every lazily synced commit durable: a one-page commit with synchronous=FULL fsyncs the WAL."""
+        try:
+            self._set_synchronous(full=True)
+            # A COMMIT that changes nothing writes and syncs nothing; the header's user_version (unused by the
+            # queue) is a change of one page.
+            self._conn.execute(f"PRAGMA user_version = {(self.lazy_syncs + 1) % (1 << 31)}")
+        except sqlite3.Error as exc:
+            self._health.report(exc)
+            log.error("queue writer: sync failed (retrying): %s", exc)
+            return
+        self.lazy_syncs += 1
+        self._unsynced = False
 
     @staticmethod
     def _run_operation(
@@ -239,6 +295,7 @@ class GroupCommitter:
             try:
                 self._conn.close()
                 self._conn = self._connect()
+                self._synchronous_full = True  # as every new writer connection starts
             except Exception as exc:
                 # Keep the closed connection: the next batch fails on it and comes back here to try again.
                 self._health.report(exc)

@@ -268,11 +268,12 @@ class SqliteQueue:
 
     # --- writes through the committer -------------------------------------------------------------------
 
-    async def _write(self, operation: Callable[[sqlite3.Connection], tuple[T, Callable[[], None] | None]]) -> T:
+    async def _write(self, operation: Callable[[sqlite3.Connection], tuple[T, Callable[[], None] | None]], *,
+                     lazy_sync: bool = False) -> T:
         committer = self._require_started()
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        committer.submit(OpRequest(future, operation))
+        committer.submit(OpRequest(future, operation, lazy_sync))
         return await future
 
     async def delete(self, queue_id: str) -> bool:
@@ -373,7 +374,8 @@ class SqliteQueue:
             path = self.spool.body_path(queue_id)
             return True, lambda: Spool.remove(path)
 
-        return await self._write(op)
+        # An outcome lost in a power cut only repeats the attempt: synced lazily (commit.py, "Lazy sync").
+        return await self._write(op, lazy_sync=True)
 
     async def due(self, *, limit: int = 100, exclude: Collection[str] = ()) -> list[QueuedMessage]:
         now = self._clock()
