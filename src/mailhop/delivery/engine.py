@@ -374,6 +374,7 @@ class DeliveryEngine:
             original.close()
 
 
+@functools.lru_cache(maxsize=256)  # the same few smarthost names, once per attempt: parsing showed in profiles
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
