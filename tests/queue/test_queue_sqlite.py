@@ -352,3 +352,39 @@ async def test_stop_syncs_a_pending_record(tmp_path: Path, clock: FakeClock) -> 
         assert await again.get(qid) is None
     finally:
         await again.stop()
+
+
+class _FailingSync:
+    """The writer connection, except that the lazy sync's one-page write fails like a dying disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("PRAGMA user_version"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_failing_sync_backs_off_and_the_next_commit_covers_it(q: SqliteQueue, clock: FakeClock) -> None:
+    committer = q._committer
+    assert committer is not None
+    qid = await queue_message(q, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")))
+    m = await q.get(qid)
+    assert m is not None
+    real = committer._conn
+    committer._conn = _FailingSync(real)  # type: ignore[assignment]
+    try:
+        await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)])
+        await wait_for(lambda: committer._sync_delay == commit._SYNC_RETRY_DELAY, within=2.0)
+        assert committer.lazy_syncs == 0 and committer._unsynced
+        await asyncio.sleep(3 * commit.LAZY_SYNC_DELAY)
+        assert committer.lazy_syncs == 0  # not retried every 0.1 s while the disk fails
+    finally:
+        committer._conn = real
+    q.health.mark_ok()
+    await queue_message(q)  # a synchronous commit: its fsync covers the record too
+    assert not committer._unsynced

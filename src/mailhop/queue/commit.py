@@ -58,6 +58,8 @@ log = logging.getLogger("mailhop.queue")
 SQLITE_FULL = 13
 # A lazily synced commit reaches stable storage with the next synchronous commit, or this many seconds later.
 LAZY_SYNC_DELAY = 0.1
+# After a failed sync (the disk is failing: health already says so), try again this much later, not every 0.1 s.
+_SYNC_RETRY_DELAY = 5.0
 
 # An admin operation runs in the writer thread inside the batch's transaction. It returns its result and
 # an optional callback to run after the COMMIT succeeded (e.g. unlink the body file of a deleted message).
@@ -121,6 +123,7 @@ class GroupCommitter:
         self._closed = False
         self._synchronous_full = True  # the connection's current PRAGMA synchronous: FULL, or NORMAL
         self._unsynced = False  # a lazily synced commit is not yet covered by an fsync
+        self._sync_delay = LAZY_SYNC_DELAY
         self.lazy_commits = 0
         self.lazy_syncs = 0  # syncs the thread made on its own for lazily synced commits
         # Counters for tests and metrics (written by the writer thread only).
@@ -154,7 +157,7 @@ class GroupCommitter:
         while not stopping:
             if self._unsynced:
                 try:
-                    first = requests.get(timeout=LAZY_SYNC_DELAY)
+                    first = requests.get(timeout=self._sync_delay)
                 except queue.Empty:
                     self._sync()
                     continue
@@ -265,10 +268,12 @@ class GroupCommitter:
             self._conn.execute(f"PRAGMA user_version = {(self.lazy_syncs + 1) % (1 << 31)}")
         except sqlite3.Error as exc:
             self._health.report(exc)
-            log.error("queue writer: sync failed (retrying): %s", exc)
+            log.error("queue writer: sync failed (retrying in %.0f s): %s", _SYNC_RETRY_DELAY, exc)
+            self._sync_delay = _SYNC_RETRY_DELAY
             return
         self.lazy_syncs += 1
         self._unsynced = False
+        self._sync_delay = LAZY_SYNC_DELAY
 
     @staticmethod
     def _run_operation(
