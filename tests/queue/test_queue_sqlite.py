@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import os
@@ -19,6 +20,8 @@ from contract import FakeClock, make_envelope, queue_message, read_all
 from mailhop.envelope import MailParams, RcptParams
 from mailhop.errors import QueueError, QueueFullError
 from mailhop.queue import SqliteQueue, commit, mark_delivered, mark_failed, spool
+from mailhop.queue.commit import GroupCommitter
+from mailhop.queue.model import QueuedMessage
 from mailhop.queue.sqlite import DEFAULT_PAGE_SIZE, SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
@@ -80,31 +83,30 @@ async def test_inline_max_is_configurable(tmp_path: Path) -> None:
         await backend.stop()
 
 
+@contextlib.asynccontextmanager
+async def opened(path: Path, **options: Any) -> AsyncIterator[SqliteQueue]:
+    """A started queue on ``path``, stopped on the way out."""
+    backend = SqliteQueue(path, **options)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
 async def test_page_size_applies_to_a_new_spool_only(tmp_path: Path) -> None:
     async def page_size_of(backend: SqliteQueue) -> int:
         return int(await on_writer(backend, lambda c: c.execute("PRAGMA page_size").fetchone()[0]))
 
-    fresh = SqliteQueue(tmp_path / "s")
-    await fresh.start()
-    try:
+    async with opened(tmp_path / "s") as fresh:
         assert await page_size_of(fresh) == DEFAULT_PAGE_SIZE == 32768
         qid = await queue_message(fresh, b"x" * (100 * KB))
-    finally:
-        await fresh.stop()
     # Reopened with another setting: the database keeps the size it was made with, and its mail.
-    again = SqliteQueue(tmp_path / "s", page_size=4096)
-    await again.start()
-    try:
+    async with opened(tmp_path / "s", page_size=4096) as again:
         assert await page_size_of(again) == 32768
         assert await read_all(again, qid) == b"x" * (100 * KB)
-    finally:
-        await again.stop()
-    small = SqliteQueue(tmp_path / "t", page_size=4096)
-    await small.start()
-    try:
+    async with opened(tmp_path / "t", page_size=4096) as small:
         assert await page_size_of(small) == 4096
-    finally:
-        await small.stop()
     with pytest.raises(ValueError, match="page_size must be one of"):
         SqliteQueue(tmp_path / "u", page_size=5000)
 
@@ -299,12 +301,18 @@ async def wait_for(predicate: Callable[[], bool], within: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_delivery_records_are_synced_lazily_and_then_for_sure(q: SqliteQueue, clock: FakeClock) -> None:
+async def two_recipient_message(q: SqliteQueue) -> tuple[GroupCommitter, str, QueuedMessage]:
+    """The queue's writer, and a queued message with two recipients (as stored)."""
     committer = q._committer
     assert committer is not None
     qid = await queue_message(q, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")))
     m = await q.get(qid)
     assert m is not None
+    return committer, qid, m
+
+
+async def test_delivery_records_are_synced_lazily_and_then_for_sure(q: SqliteQueue, clock: FakeClock) -> None:
+    committer, qid, m = await two_recipient_message(q)
     # A record alone commits without its own fsync; with nothing else to write, the writer syncs within the delay.
     assert await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]) is False
     assert committer.lazy_commits == 1
@@ -346,12 +354,8 @@ async def test_stop_syncs_a_pending_record(tmp_path: Path, clock: FakeClock) -> 
     await backend.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)])
     await backend.stop()  # at once, well inside the delay
     assert committer.lazy_syncs == 1
-    again = SqliteQueue(tmp_path / "s", clock=clock)
-    await again.start()
-    try:
+    async with opened(tmp_path / "s", clock=clock) as again:
         assert await again.get(qid) is None
-    finally:
-        await again.stop()
 
 
 class _FailingSync:
@@ -370,11 +374,7 @@ class _FailingSync:
 
 
 async def test_a_failing_sync_backs_off_and_the_next_commit_covers_it(q: SqliteQueue, clock: FakeClock) -> None:
-    committer = q._committer
-    assert committer is not None
-    qid = await queue_message(q, envelope=make_envelope(rcpts=("a@x.example", "b@y.example")))
-    m = await q.get(qid)
-    assert m is not None
+    committer, qid, m = await two_recipient_message(q)
     real = committer._conn
     committer._conn = _FailingSync(real)  # type: ignore[assignment]
     try:
