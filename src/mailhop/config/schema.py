@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..address import AddressError, canonical_domain
 from ..dns import split_nameserver
+from ..queue.sqlite import DEFAULT_PAGE_SIZE, PAGE_SIZES
 from .checks import ChecksConfig, DkimConfig
 
 __all__ = [
@@ -164,7 +165,7 @@ class QueueConfig(_Section):
         "are streamed to files.",
     )
     page_size: int = Field(
-        32768,
+        DEFAULT_PAGE_SIZE,
         description="SQLite page size in bytes (4096, 8192, 16384, 32768 or 65536) of a spool database when it is "
         "created; an existing spool keeps its own. Large pages write large bodies with fewer system calls; small "
         "ones write less per status update (4096 suits a relay of only small messages).",
@@ -181,8 +182,9 @@ class QueueConfig(_Section):
     @field_validator("page_size")
     @classmethod
     def _check_page_size(cls, value: int) -> int:
-        if value not in (4096, 8192, 16384, 32768, 65536):
-            raise ValueError(f"{value} is not a SQLite page size: use 4096, 8192, 16384, 32768 or 65536")
+        if value not in PAGE_SIZES:
+            sizes = ", ".join(map(str, PAGE_SIZES[:-1])) + f" or {PAGE_SIZES[-1]}"
+            raise ValueError(f"{value} is not a SQLite page size: use {sizes}")
         return value
 
 

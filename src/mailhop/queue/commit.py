@@ -124,13 +124,13 @@ class GroupCommitter:
         self._synchronous_full = True  # the connection's current PRAGMA synchronous: FULL, or NORMAL
         self._unsynced = False  # a lazily synced commit is not yet covered by an fsync
         self._sync_delay = LAZY_SYNC_DELAY
-        self.lazy_commits = 0
-        self.lazy_syncs = 0  # syncs the thread made on its own for lazily synced commits
         # Counters for tests and metrics (written by the writer thread only).
         self.batches = 0  # committed transactions
         self.failed_batches = 0
         self.accepted = 0  # messages committed
         self.operations = 0  # admin operations committed
+        self.lazy_commits = 0  # transactions committed without their own fsync
+        self.lazy_syncs = 0  # syncs the thread made on its own for them
 
     def start(self) -> None:
         self._thread.start()
