@@ -101,6 +101,8 @@ def config_toml(
             f"path = {json.dumps(str(spool))}",
             *([f"inline_body_max = {int(os.environ['MAILHOP_BENCH_INLINE_MAX'])}"]
               if os.environ.get("MAILHOP_BENCH_INLINE_MAX") else []),
+            *([f"page_size = {int(os.environ['MAILHOP_BENCH_PAGE_SIZE'])}"]
+              if os.environ.get("MAILHOP_BENCH_PAGE_SIZE") else []),
             "",
             *delivery,
             "",

@@ -245,9 +245,9 @@ class Daemon:
                 listener.server.close()
         for session in list(self.state.sessions):
             session.shutdown()
-        tasks = [s.task for s in self.state.sessions if s.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.config.limits.shutdown_grace)
+        waiters = [s.closed_waiter() for s in self.state.sessions]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=self.config.limits.shutdown_grace)
             for session in list(self.state.sessions):
                 session.abort()
             if pending:

@@ -129,6 +129,31 @@ def test_pipelined_transaction_replies_in_order(relay: Relay) -> None:
     c.close()
 
 
+def test_long_pipelined_burst_mixing_commands_and_commits(relay: Relay) -> None:
+    """Thousands of commands in one write, with message ends (a step that waits for the queue's commit) at
+    varying distances: each gets its reply, in order, across the session's fair-turn hand-overs (every 32
+    events), whichever event a hand-over lands on."""
+    before = len(relay.queue_ids())
+    c = Client(relay.host, relay.port)
+    assert c.reply().startswith("220")
+    body = b"Subject: burst\r\n\r\nx\r\n"
+    bdat = f"BDAT {len(body)} LAST\r\n".encode() + body
+    script, expected = [b"EHLO client.test\r\n"], []
+    for i in range(60):
+        script.append(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\n" + b"NOOP\r\n" * (i % 37) + bdat)
+        expected.append(2 + i % 37)
+    c.send(b"".join(script) + b"QUIT\r\n")
+    assert c.reply().startswith("250-")
+    for i, n in enumerate(expected):
+        replies = [c.reply() for _ in range(n + 1)]
+        assert all(r.startswith("250 2.") for r in replies[:n]), (i, replies)
+        assert replies[n].startswith("250 2.0.0 Ok: queued as"), (i, replies)
+    assert c.reply().startswith("221 ")
+    assert c.closed()
+    c.close()
+    assert len(relay.queue_ids()) == before + 60
+
+
 def test_bdat_transaction(relay: Relay) -> None:
     before = len(relay.queue_ids())
     run_transcript(

@@ -1,8 +1,10 @@
-"""SIGTERM: idle sessions get 421, a transaction in flight completes with 250, the daemon exits 0."""
+"""SIGTERM: idle sessions get 421, a transaction in flight completes with 250, one that stalls is cut off after
+the grace period, the daemon exits 0."""
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 from .harness import Client, free_port, start_relay, write_config
@@ -31,3 +33,21 @@ def test_sigterm_finishes_transaction_in_flight(tmp_path: Path) -> None:
     busy.close()
     assert relay.stop() == 0
     assert len(relay.queue_ids()) == 1
+
+
+def test_sigterm_cuts_off_a_stalled_transaction_after_the_grace_period(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port, "[limits]\nshutdown_grace = 1.0\n")
+    relay = start_relay(cfg, "127.0.0.1", port, tmp_path / "spool")
+    stalled = Client("127.0.0.1", port)
+    assert stalled.reply().startswith("220")
+    stalled.send(b"EHLO t\r\nMAIL FROM:<a@t.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert [stalled.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+    stalled.send(b"Subject: never ends\r\n\r\nhalf")
+    started = time.monotonic()
+    assert relay.stop() == 0
+    # Cut off after the grace period, not at once and not at the data timeout (minutes).
+    assert 0.9 < time.monotonic() - started < 10
+    assert stalled.closed()
+    stalled.close()
+    assert relay.queue_ids() == []

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..envelope import Envelope
 from ..errors import QueueError, QueueFullError
@@ -20,7 +21,6 @@ from ..policy.submission import check_from_header, check_mail, check_recipient_c
 from ..queue.health import SpoolHealth
 from ..reply import R, Reply
 from ..smtp import (
-    NEED_DATA,
     AuthAborted,
     AuthResponse,
     AuthStart,
@@ -30,7 +30,9 @@ from ..smtp import (
     DataEnd,
     DataStart,
     Ehlo,
+    Event,
     Mail,
+    NeedData,
     Quit,
     Rcpt,
     Reset,
@@ -56,7 +58,7 @@ log = logging.getLogger("mailhop.smtp")
 
 # Pause reading once this much unprocessed input is waiting: a pipelining client cannot make us buffer more.
 _READ_HIGH_WATER = 256 * 1024
-# Events handled in a row before yielding to the other sessions (see _serve).
+# Events handled in a row before yielding to the other sessions (see _pump_events).
 _FAIR_BURST = 32
 
 
@@ -106,7 +108,9 @@ class SmtpSession(asyncio.Protocol):
         self.trusted = False
         self.helo = ""
         self.extended = False
-        self._waiter: asyncio.Future[bool] | None = None
+        self._waiting = False  # the pump is parked until input comes (see _pump)
+        self._finished = False  # _cleanup has run
+        self._closed_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._paused = False
         self._write_paused = False
@@ -114,15 +118,14 @@ class SmtpSession(asyncio.Protocol):
         self._body: BodyWriter | None = None
         self._body_error: Reply | None = None
         self._headers: HeaderScanner | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._idle = False
+        self._task: asyncio.Task[None] | None = None  # the step the pump handed over to, while it runs
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
         self._auth: AuthExchange | None = None
         self._auth_mechanism = ""
         self.checks: SessionChecks | None = None  # set when the listener has a policy chain
         self._received = b""  # our Received: field, the first bytes of the stored body
-        self._deadline = 0.0  # loop time when the current wait for input times out
+        self._deadline = 0.0  # loop time when the current wait for input times out (0: none yet)
         self._timer: asyncio.TimerHandle | None = None  # armed for _deadline or earlier while it exists
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
@@ -151,7 +154,20 @@ class SmtpSession(asyncio.Protocol):
             return
         self.trusted = self.ctx.relay.is_trusted(self.client_ip)
         self.ctx.state.sessions.add(self)
-        self._task = self._loop.create_task(self._run())
+        if self.ctx.state.health.unavailable:
+            # Before the connect checks: no DNS lookups for a client we cannot take mail from anyway.
+            self._write_raw(R.SPOOL_UNAVAILABLE.to_bytes())
+            self._cleanup()
+            return
+        chain = self.ctx.chain
+        if chain is not None:
+            self.checks = SessionChecks(chain, client_ip=self.client_ip, client_port=self.client_port,
+                                        role=self.ctx.role, trusted=self.trusted, resolver=self.ctx.resolver,
+                                        tls=self.conn.tls_active, max_scan_size=self.ctx.max_scan_size)
+            self._suspend(self._start())
+            return
+        self.conn.send_greeting(self._greeting())
+        self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self._upgrading is not None:
@@ -164,18 +180,19 @@ class SmtpSession(asyncio.Protocol):
         if self._pending_bytes > _READ_HIGH_WATER and not self._paused and self.transport is not None:
             self.transport.pause_reading()
             self._paused = True
-        self._wake()
+        if self._waiting:
+            self._pump()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_data(b"")
-        self._wake()
+        self._resume()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
             self._closed = True
             self.conn.receive_data(b"")
-        self._wake()
+        self._resume()
 
     def pause_writing(self) -> None:
         # The client is not reading our replies; stop reading its commands until it does.
@@ -186,151 +203,206 @@ class SmtpSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake()
+        self._resume()
 
     # -- the session loop -------------------------------------------------------------------------------------------
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            _settle(self._waiter, True)
+    # Why a pump and not one coroutine per session: a coroutine waits for every command on a future, and each
+    # wake-up is a trip through the event loop's ready queue (future, callback, task step), six or more per
+    # message for a client that does not pipeline. The pump handles the core's events straight from
+    # data_received and only hands over to a task for a step that must wait (a policy check, the queue's group
+    # commit, AUTH, STARTTLS); input that arrives meanwhile stays in the core until the task resumes the pump.
+    def _resume(self) -> None:
+        """Wake a pump that waits for input (more input, a resumed writer, a shutdown)."""
+        if self._waiting:
+            self._pump()
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self._closed:
             self.transport.write(out)
 
-    async def _wait_for_input(self, deadline: float) -> bool:
-        """Wait until the loop time ``deadline`` for more bytes; False on timeout."""
-        self._pending_bytes = 0
-        if self._paused and not self._write_paused and self.transport is not None and not self._closed:
-            self.transport.resume_reading()
-            self._paused = False
+    def _pump(self) -> None:
+        """Handle the core's events until it needs input or a step must wait; never raises."""
+        self._waiting = False
+        try:
+            self._pump_events()
+        except Exception:
+            log.exception("session error client=%s", self.client_ip)
+            self._cleanup()
+
+    def _pump_events(self) -> None:
+        conn = self.conn
+        burst = 0
+        while True:
+            event = conn.next_event()
+            if isinstance(event, NeedData):
+                self._flush()
+                if self._closed:
+                    self._cleanup()
+                elif self.ctx.state.shutting_down and not conn.in_transaction:
+                    self._write_raw(R.SHUTTING_DOWN.to_bytes())
+                    self._cleanup()
+                else:
+                    self._wait_for_input()
+                return
+            # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
+            # that every byte restarts: a slowloris client trickling one byte at a time of a never-ending command
+            # line still gets its 421 4.4.2 after command_timeout.
+            self._deadline = 0.0
+            burst += 1
+            if burst > _FAIR_BURST:
+                # A pipelining client can hand us thousands of commands in one read, and with no policy check
+                # to wait for, nothing here stops: give the other sessions a turn before this event.
+                self._flush()
+                self._suspend(self._after_turn(event))
+                return
+            if not self._handle(event):
+                return
+
+    def _wait_for_input(self) -> None:
+        """Park the pump until more bytes come (data_received) or the deadline passes (_on_timer)."""
         loop = self._loop
-        self._waiter = loop.create_future()
+        if not self._deadline:
+            self._deadline = loop.time() + self.conn.wants_timeout()
+        deadline = self._deadline
         # One timer per session, not one per wait: a session waits several times per message and each
         # deadline is later than the last, so a timer left from an earlier wait fires early, finds the
         # deadline moved and re-arms itself (about once per timeout period instead of once per command).
-        self._deadline = deadline
         if self._timer is None or self._timer.when() > deadline:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer)
-        self._idle = not self.conn.in_transaction
-        try:
-            return await self._waiter
-        finally:
-            self._waiter = None
-            self._idle = False
+        self._pending_bytes = 0
+        self._waiting = True
+        # Last: a transport may deliver buffered input from resume_reading, which re-enters the pump.
+        if self._paused and not self._write_paused and self.transport is not None and not self._closed:
+            self._paused = False
+            self.transport.resume_reading()
 
     def _on_timer(self) -> None:
         self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # not waiting: the next wait arms a timer for its own deadline
-        loop = waiter.get_loop()
-        if loop.time() >= self._deadline:
-            waiter.set_result(False)
+        if not self._waiting:
+            return  # a step is running: the next wait arms a timer for its own deadline
+        if self._loop.time() >= self._deadline:
+            self._waiting = False
+            self._flush()
+            self._write_raw(self.conn.timeout_reply().to_bytes())
+            log.info("timeout client=%s", self.client_ip)
+            self._cleanup()
         else:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
-    async def _run(self) -> None:
+    def _suspend(self, step: Coroutine[Any, Any, bool]) -> None:
+        """Run a step that must wait in a task; the pump resumes after it, or the session ends if it returns
+        False."""
+        self._task = self._loop.create_task(self._run_step(step))
+
+    async def _run_step(self, step: Coroutine[Any, Any, bool]) -> None:
+        me = self._task
         try:
-            await self._serve()
+            go_on = await step
+        except asyncio.CancelledError:
+            self._cleanup()
+            raise
         except Exception:
             log.exception("session error client=%s", self.client_ip)
-        finally:
             self._cleanup()
-
-    async def _serve(self) -> None:
-        conn = self.conn
-        if self.ctx.state.health.unavailable:
-            # Before the connect checks: no DNS lookups for a client we cannot take mail from anyway.
-            self._write_raw(R.SPOOL_UNAVAILABLE.to_bytes())
             return
-        chain = self.ctx.chain
-        if chain is not None:
-            self.checks = SessionChecks(chain, client_ip=self.client_ip, client_port=self.client_port,
-                                        role=self.ctx.role, trusted=self.trusted, resolver=self.ctx.resolver,
-                                        tls=self.conn.tls_active, max_scan_size=self.ctx.max_scan_size)
-            refused = await self.checks.connect()
-            if refused is not None:
-                self._write_raw(refused.to_bytes())
-                return
-        conn.send_greeting(Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop"))
-        loop = self._loop
-        # The timeout is a deadline from the last event (a complete command, a DATA block), not an idle timer
-        # that every byte restarts: a slowloris client trickling one byte at a time of a never-ending command
-        # line still gets its 421 4.4.2 after command_timeout.
-        deadline: float | None = None
-        burst = 0
-        while True:
-            event = conn.next_event()
-            if event is not NEED_DATA:
-                deadline = None
-                burst += 1
-                if burst >= _FAIR_BURST:
-                    # A pipelining client can hand us thousands of commands in one read, and with no policy
-                    # check to await, nothing here suspends: give the other sessions a turn.
-                    burst = 0
-                    self._flush()
-                    await asyncio.sleep(0)
-            if event is NEED_DATA:
-                burst = 0
-                self._flush()
-                if self._closed:
-                    return
-                if self.ctx.state.shutting_down and not self.conn.in_transaction:
-                    self._write_raw(R.SHUTTING_DOWN.to_bytes())
-                    return
-                if deadline is None:
-                    deadline = loop.time() + conn.wants_timeout()
-                if not await self._wait_for_input(deadline):
-                    self._flush()
-                    self._write_raw(conn.timeout_reply().to_bytes())
-                    log.info("timeout client=%s", self.client_ip)
-                    return
-                continue
-            if isinstance(event, DataChunk):
-                self._on_chunk(event.data)
-            elif isinstance(event, Rcpt):
-                conn.send(await self._on_rcpt(event))
-            elif isinstance(event, Mail):
-                conn.send(await self._on_mail(event))
-            elif isinstance(event, (AuthStart, AuthResponse)):
-                if not await self._on_auth(event):
-                    return
-            elif isinstance(event, AuthAborted):
-                log.info("auth aborted client=%s: %s", self.client_ip, event.reason)
-                self._auth = None
-            elif isinstance(event, DataStart):
-                self._start_body(bdat=event.bdat)
-            elif isinstance(event, DataEnd):
-                conn.send(await self._end_body(event))
-            elif isinstance(event, BdatChunkEnd):
-                conn.send(self._body_error or Reply(250, "2.0.0", f"{event.size} octets received"))
-            elif isinstance(event, Ehlo):
-                self.helo, self.extended = event.hostname, event.extended
-                self._drop_body()
-                if self.checks is not None:
-                    await self.checks.helo(event.hostname)
-                conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
-            elif isinstance(event, Reset):
-                self._drop_body()
-                if self.checks is not None:
-                    self.checks.reset()
-            elif isinstance(event, StartTls):
-                if not await self._start_tls():
-                    return
-            elif isinstance(event, Quit):
-                conn.send(R.BYE)
-                self._flush()
-                self._close()
-                return
-            elif isinstance(event, ConnectionClosed):
-                self._flush()
-                self._close()
-                return
-            else:  # pragma: no cover - the core's event set is closed
-                raise AssertionError(f"unhandled event {event!r}")
+        if self._task is not me:
+            return  # the step handed over to another (an event after a fair turn that must wait too)
+        self._task = None
+        if not go_on:
+            self._cleanup()
+        elif not self._finished:
+            self._pump()
+
+    async def _start(self) -> bool:
+        """The connect phase's checks, then the greeting."""
+        assert self.checks is not None
+        refused = await self.checks.connect()
+        if refused is not None:
+            self._write_raw(refused.to_bytes())
+            return False
+        self.conn.send_greeting(self._greeting())
+        return True
+
+    def _greeting(self) -> Reply:
+        return Reply(220, "", f"{self.ctx.settings.hostname} ESMTP mailhop")
+
+    async def _after_turn(self, event: Event) -> bool:
+        await asyncio.sleep(0)
+        self._handle(event)  # False from it means handed over or ended: _run_step tells which
+        return True
+
+    async def _reply_after(self, pending: Awaitable[Reply | None], default: Reply) -> bool:
+        self.conn.send(await pending or default)
+        return True
+
+    async def _ehlo_after_checks(self, event: Ehlo) -> bool:
+        assert self.checks is not None
+        await self.checks.helo(event.hostname)
+        self.conn.send(self.conn.ehlo_reply(f"Hello {event.hostname}"))
+        return True
+
+    def _handle(self, event: Event) -> bool:
+        """Act on one event; False when the pump must stop here (a step was handed to a task, or the end)."""
+        conn = self.conn
+        if isinstance(event, DataChunk):
+            self._on_chunk(event.data)
+        elif isinstance(event, Rcpt):
+            reply = self._rcpt_policy(event)
+            if reply is None and self.checks is not None:
+                self._suspend(self._reply_after(self.checks.rcpt(str(event.recipient.mailbox)), R.RCPT_OK))
+                return False
+            conn.send(reply or R.RCPT_OK)
+        elif isinstance(event, Mail):
+            reply = self._mail_policy(event)
+            if reply.is_positive and self.checks is not None:
+                sender = "" if event.sender is None else str(event.sender)
+                self._suspend(self._reply_after(self.checks.mail(sender, tls=conn.tls_active), reply))
+                return False
+            conn.send(reply)
+        elif isinstance(event, DataStart):
+            self._start_body(bdat=event.bdat)
+        elif isinstance(event, DataEnd):
+            self._suspend(self._reply_after(self._end_body(event), R.LOCAL_ERROR))
+            return False
+        elif isinstance(event, BdatChunkEnd):
+            conn.send(self._body_error or Reply(250, "2.0.0", f"{event.size} octets received"))
+        elif isinstance(event, Ehlo):
+            self.helo, self.extended = event.hostname, event.extended
+            self._drop_body()
+            if self.checks is not None:
+                self._suspend(self._ehlo_after_checks(event))
+                return False
+            conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
+        elif isinstance(event, Reset):
+            self._drop_body()
+            if self.checks is not None:
+                self.checks.reset()
+        elif isinstance(event, (AuthStart, AuthResponse)):
+            self._suspend(self._on_auth(event))
+            return False
+        elif isinstance(event, AuthAborted):
+            log.info("auth aborted client=%s: %s", self.client_ip, event.reason)
+            self._auth = None
+        elif isinstance(event, StartTls):
+            self._suspend(self._start_tls())
+            return False
+        elif isinstance(event, Quit):
+            conn.send(R.BYE)
+            self._flush()
+            self._close()
+            self._cleanup()
+            return False
+        elif isinstance(event, ConnectionClosed):
+            self._flush()
+            self._close()
+            self._cleanup()
+            return False
+        else:  # pragma: no cover - the core's event set is closed
+            raise AssertionError(f"unhandled event {event!r}")
+        return True
 
     # -- authentication and submission policy -----------------------------------------------------------------------
     async def _on_auth(self, event: AuthStart | AuthResponse) -> bool:
@@ -361,7 +433,8 @@ class SmtpSession(asyncio.Protocol):
             return False
         return True
 
-    async def _on_mail(self, event: Mail) -> Reply:
+    def _mail_policy(self, event: Mail) -> Reply:
+        """MAIL's answer before the policy chain's mail phase (which runs only when this is positive)."""
         if self.ctx.state.health.unavailable:
             log.info("MAIL refused client=%s: spool unavailable", self.client_ip)
             return R.SPOOL_UNAVAILABLE  # a 421: the core closes the dialogue after it
@@ -376,18 +449,14 @@ class SmtpSession(asyncio.Protocol):
         if not reply.is_positive and self.user is not None:
             log.info("MAIL refused client=%s user=%s sender=<%s>: %s", self.client_ip, self.user.name,
                      event.sender or "", reply)
-        if reply.is_positive and self.checks is not None:
-            sender = "" if event.sender is None else str(event.sender)
-            return await self.checks.mail(sender, tls=self.conn.tls_active) or reply
         return reply
 
-    async def _on_rcpt(self, event: Rcpt) -> Reply:
+    def _rcpt_policy(self, event: Rcpt) -> Reply | None:
+        """A refusal of RCPT by relay control or the recipient cap, before the policy chain; None: go on."""
         reply = self.ctx.relay.check(event.recipient.mailbox, trusted=self.trusted, authenticated=self.user is not None)
         if reply is None:
             reply = check_recipient_count(self.user, len(self.conn.transaction.recipients))
-        if reply is None and self.checks is not None:
-            reply = await self.checks.rcpt(str(event.recipient.mailbox))
-        return reply or R.RCPT_OK
+        return reply
 
     def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
         services, user = self.ctx.auth, self.user
@@ -591,6 +660,11 @@ class SmtpSession(asyncio.Protocol):
         self._closed = True
 
     def _cleanup(self) -> None:
+        """End the session (once): close, free its body and its connection slots, wake shutdown waiters."""
+        if self._finished:
+            return
+        self._finished = True
+        self._waiting = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -601,11 +675,13 @@ class SmtpSession(asyncio.Protocol):
             self.ctx.state.limiter.release(self.client_ip)
             if self.ctx.listener_limiter is not None:
                 self.ctx.listener_limiter.release("")
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
 
     def shutdown(self) -> None:
         """Ask the session to close at its next safe point (between transactions)."""
-        if self._idle:
-            self._wake()
+        if self._waiting and not self.conn.in_transaction:
+            self._pump()
 
     def abort(self) -> None:
         """Close now, whatever the state (after the shutdown grace period)."""
@@ -613,14 +689,14 @@ class SmtpSession(asyncio.Protocol):
             self.transport.abort()
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
+            self._task.cancel()  # its step ends the session when the cancellation reaches it
+        else:
+            self._cleanup()
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
-
-
-def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
-    """Resolve the session's input waiter once: True when input (or a wake-up) came, False on timeout."""
-    if not waiter.done():
-        waiter.set_result(value)
+    def closed_waiter(self) -> asyncio.Future[None]:
+        """A future that is done when the session has ended (for the daemon's shutdown grace period)."""
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
+            if self._finished:
+                self._closed_waiter.set_result(None)
+        return self._closed_waiter
