@@ -19,7 +19,7 @@ from contract import FakeClock, make_envelope, queue_message, read_all
 
 from mailhop.envelope import MailParams, RcptParams
 from mailhop.errors import QueueError, QueueFullError
-from mailhop.queue import SqliteQueue, commit, mark_delivered, mark_failed, spool
+from mailhop.queue import SqliteQueue, commit, mark_delivered, mark_failed, rows, spool
 from mailhop.queue.commit import GroupCommitter
 from mailhop.queue.model import QueuedMessage
 from mailhop.queue.sqlite import DEFAULT_PAGE_SIZE, SCHEMA_VERSION
@@ -109,6 +109,33 @@ async def test_page_size_applies_to_a_new_spool_only(tmp_path: Path) -> None:
         assert await page_size_of(small) == 4096
     with pytest.raises(ValueError, match="page_size must be one of"):
         SqliteQueue(tmp_path / "u", page_size=5000)
+
+
+async def test_a_spool_made_with_rowid_tables_still_works(tmp_path: Path, clock: FakeClock,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spools made before messages and bodies became WITHOUT ROWID tables (same columns, same schema version)
+    keep working: every query is the same on both layouts."""
+    old = tuple(stmt.replace(") WITHOUT ROWID", ")") if "TABLE messages" in stmt or "TABLE bodies" in stmt
+                else stmt for stmt in rows.SCHEMA)
+    assert old != rows.SCHEMA
+    monkeypatch.setattr(rows, "SCHEMA", old)
+    async with opened(tmp_path / "s", clock=clock) as made:
+        kept = await queue_message(made, b"kept\r\n")
+    monkeypatch.undo()
+    async with opened(tmp_path / "s", clock=clock) as q:
+        sql = await on_writer(q, lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'")
+                              .fetchone()[0])
+        assert "WITHOUT ROWID" not in sql
+        assert await read_all(q, kept) == b"kept\r\n"
+        qid = await queue_message(q, b"new\r\n")
+        m = await q.get(qid)
+        assert m is not None
+        assert await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]) is True
+        assert await q.get(qid) is None and await q.get(kept) is not None
+    async with opened(tmp_path / "t", clock=clock) as fresh:
+        sql = await on_writer(fresh, lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name = 'bodies'")
+                              .fetchone()[0])
+        assert "WITHOUT ROWID" in sql
 
 
 @pytest.mark.parametrize(("err", "exc_type"), [(errno.EIO, QueueError), (errno.ENOSPC, QueueFullError)])
@@ -388,3 +415,56 @@ async def test_a_failing_sync_backs_off_and_the_next_commit_covers_it(q: SqliteQ
     q.health.mark_ok()
     await queue_message(q)  # a synchronous commit: its fsync covers the record too
     assert not committer._unsynced
+
+
+# -- lazy hold: a delivery record waits briefly for an accept to share its commit --------------------------------
+
+
+async def test_a_record_held_while_mail_comes_in_shares_the_next_accepts_commit(q: SqliteQueue,
+                                                                                clock: FakeClock) -> None:
+    committer, qid, m = await two_recipient_message(q)
+    committer._hold = 30.0  # long enough that only the accept below can release it
+    batches, lazy = committer.batches, committer.lazy_commits
+    record = asyncio.ensure_future(q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]))
+    await wait_for(lambda: committer.held_batches == 1, within=5)
+    assert not record.done()
+    other = await queue_message(q)
+    assert await asyncio.wait_for(record, 5) is False
+    # One transaction, synchronous (the accept's): the record needed neither a commit nor a sync of its own.
+    assert committer.batches == batches + 1 and committer.lazy_commits == lazy
+    assert not committer._unsynced
+    stored = await q.get(qid)
+    assert stored is not None and stored.recipients[0].status.value == "delivered"
+    assert await q.get(other) is not None
+
+
+async def test_a_held_record_without_company_commits_after_the_hold(q: SqliteQueue, clock: FakeClock) -> None:
+    committer, qid, m = await two_recipient_message(q)
+    lazy = committer.lazy_commits
+    started = asyncio.get_running_loop().time()
+    assert await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]) is False
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert committer.held_batches == 1 and committer.lazy_commits == lazy + 1
+
+
+async def test_records_commit_at_once_when_no_mail_is_coming_in(q: SqliteQueue, clock: FakeClock) -> None:
+    committer, qid, m = await two_recipient_message(q)
+    committer._hold = 30.0
+    await asyncio.sleep(commit.HOLD_WHILE_ACCEPTING + 0.05)  # the last accept is no longer recent
+    assert await asyncio.wait_for(q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]), 5) \
+        is False
+    assert committer.held_batches == 0
+
+
+async def test_stop_commits_a_held_record(tmp_path: Path, clock: FakeClock) -> None:
+    backend = SqliteQueue(tmp_path / "s", clock=clock)
+    await backend.start()
+    committer, qid, m = await two_recipient_message(backend)
+    committer._hold = 30.0
+    record = asyncio.ensure_future(backend.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)]))
+    await wait_for(lambda: committer.held_batches == 1, within=5)
+    await asyncio.wait_for(backend.stop(), 5)
+    assert record.done() and record.result() is False
+    async with opened(tmp_path / "s", clock=clock) as again:
+        stored = await again.get(qid)
+        assert stored is not None and stored.recipients[0].status.value == "delivered"

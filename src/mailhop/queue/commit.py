@@ -25,6 +25,14 @@ cut inside that window can undo such a record, and an undone record only makes i
 (a duplicate, never a loss): the accepted mail itself is always committed synchronously. Postfix, for
 comparison, never syncs the removal of a delivered queue file.
 
+Lazy hold: while mail is coming in (an accept committed in the last ``HOLD_WHILE_ACCEPTING`` seconds), a batch of
+only delivery records waits up to ``LAZY_HOLD`` for a request to share its transaction with, normally the next
+accept. SQLite writes every page a transaction touches as a whole WAL frame, and a message's insert and a
+delivered message's delete touch the same few leaf pages (messages, bodies, recipients and its two indexes), so
+one shared commit writes about half the bytes of two; with one client sending one message at a time every commit
+is otherwise a batch of one. The hold delays only the record's caller (the delivery engine); without incoming
+mail nothing would come to share with, so records commit at once.
+
 Failure: if any statement of the batch's transaction or the COMMIT fails, the transaction is rolled back,
 every waiter of the batch gets the error (SQLITE_FULL/ENOSPC -> QueueFullError, anything else ->
 QueueError), the body files of the batch's accepts are removed, and the thread goes on with the next batch
@@ -42,6 +50,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +69,11 @@ SQLITE_FULL = 13
 LAZY_SYNC_DELAY = 0.1
 # After a failed sync (the disk is failing: health already says so), try again this much later, not every 0.1 s.
 _SYNC_RETRY_DELAY = 5.0
+# A batch of only delivery records waits this long for company while an accept came this recently ("Lazy hold").
+LAZY_HOLD = 0.002
+HOLD_WHILE_ACCEPTING = 0.05
+# ... and no longer once it holds this many.
+_MAX_HELD = 256
 
 # An admin operation runs in the writer thread inside the batch's transaction. It returns its result and
 # an optional callback to run after the COMMIT succeeded (e.g. unlink the body file of a deleted message).
@@ -99,6 +113,10 @@ def queue_error_from_exception(exc: BaseException) -> Callable[[], QueueError]:
     return lambda: cls(detail)
 
 
+def _only_lazy(batch: Sequence[AcceptRequest | OpRequest]) -> bool:
+    return all(isinstance(r, OpRequest) and r.lazy_sync for r in batch)
+
+
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, value, error in results:
         if future.done():  # the caller was cancelled; the work is done (or undone) regardless
@@ -124,6 +142,8 @@ class GroupCommitter:
         self._synchronous_full = True  # the connection's current PRAGMA synchronous: FULL, or NORMAL
         self._unsynced = False  # a lazily synced commit is not yet covered by an fsync
         self._sync_delay = LAZY_SYNC_DELAY
+        self._hold = LAZY_HOLD
+        self._last_accept = float("-inf")  # time.monotonic() of the last committed accept
         # Counters for tests and metrics (written by the writer thread only).
         self.batches = 0  # committed transactions
         self.failed_batches = 0
@@ -131,6 +151,7 @@ class GroupCommitter:
         self.operations = 0  # admin operations committed
         self.lazy_commits = 0  # transactions committed without their own fsync
         self.lazy_syncs = 0  # syncs the thread made on its own for them
+        self.held_batches = 0  # lazy batches that waited for company (see "Lazy hold")
 
     def start(self) -> None:
         self._thread.start()
@@ -175,6 +196,9 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.append(item)
+            if not stopping and self._hold > 0 and _only_lazy(batch) \
+                    and time.monotonic() - self._last_accept < HOLD_WHILE_ACCEPTING:
+                stopping = self._gather(batch)
             try:
                 self._process(batch)
             except BaseException:  # never let the writer die: every later accept would hang
@@ -192,6 +216,34 @@ class GroupCommitter:
                 leftover.append(item)
         if leftover:
             self._resolve([(r.future, None, QueueError("queue is stopped")) for r in leftover])
+
+    def _gather(self, batch: list[AcceptRequest | OpRequest]) -> bool:
+        """Hold a lazy-only batch for up to LAZY_HOLD until another kind of request joins it; True when the
+        stop marker came meanwhile."""
+        self.held_batches += 1
+        requests = self._requests
+        deadline = time.monotonic() + self._hold
+        while len(batch) < _MAX_HELD:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = requests.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:
+                return True
+            batch.append(item)
+            if not (isinstance(item, OpRequest) and item.lazy_sync):
+                while True:  # company came: take whatever else is already waiting, and go
+                    try:
+                        item = requests.get_nowait()
+                    except queue.Empty:
+                        return False
+                    if item is None:
+                        return True
+                    batch.append(item)
+        return False
 
     def _process(self, batch: Sequence[AcceptRequest | OpRequest]) -> None:
         accepts = [r for r in batch if isinstance(r, AcceptRequest)]
@@ -230,6 +282,7 @@ class GroupCommitter:
             # New rows always reach the WAL and its fsync. An operation-only batch may have changed nothing
             # (a hold of an unknown id), and a COMMIT that wrote nothing proves nothing about the disk.
             self._health.mark_ok()
+            self._last_accept = time.monotonic()
         self.batches += 1
         self.accepted += len(accepts)
         if lazy:
