@@ -14,10 +14,7 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from ..envelope import Envelope
-from ..errors import QueueError, QueueFullError
-from ..message.headers import HeaderScanner, received_header
-from ..policy.submission import check_from_header, check_mail, check_recipient_count
+from ..policy.submission import check_mail, check_recipient_count
 from ..queue.health import SpoolHealth
 from ..reply import R, Reply
 from ..smtp import (
@@ -41,7 +38,8 @@ from ..smtp import (
     StartTls,
 )
 from .authflow import AuthExchange, AuthOutcome, AuthServices
-from .checkflow import SessionChecks, apply_header_edits
+from .checkflow import SessionChecks
+from .intake import MessageIntake
 
 if TYPE_CHECKING:
     from ..auth.users import User
@@ -49,7 +47,6 @@ if TYPE_CHECKING:
     from ..dns import Resolver
     from ..policy.relay import RelayPolicy
     from ..queue.backend import QueueBackend
-    from ..queue.spool import BodyWriter
     from .listener import ConnectionLimiter
 
 __all__ = ["ServerState", "SessionContext", "SmtpSession"]
@@ -115,16 +112,13 @@ class SmtpSession(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._pending_bytes = 0
-        self._body: BodyWriter | None = None
-        self._body_error: Reply | None = None
-        self._headers: HeaderScanner | None = None
+        self.intake = MessageIntake(self)
         self._task: asyncio.Task[None] | None = None  # the step the pump handed over to, while it runs
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
         self._auth: AuthExchange | None = None
         self._auth_mechanism = ""
         self.checks: SessionChecks | None = None  # set when the listener has a policy chain
-        self._received = b""  # our Received: field, the first bytes of the stored body
         self._deadline = 0.0  # loop time when the current wait for input times out (0: none yet)
         self._timer: asyncio.TimerHandle | None = None  # armed for _deadline or earlier while it exists
 
@@ -348,7 +342,7 @@ class SmtpSession(asyncio.Protocol):
         """Act on one event; False when the pump must stop here (a step was handed to a task, or the end)."""
         conn = self.conn
         if isinstance(event, DataChunk):
-            self._on_chunk(event.data)
+            self.intake.chunk(event.data)
         elif isinstance(event, Rcpt):
             reply = self._rcpt_policy(event)
             if reply is None and self.checks is not None:
@@ -363,21 +357,21 @@ class SmtpSession(asyncio.Protocol):
                 return False
             conn.send(reply)
         elif isinstance(event, DataStart):
-            self._start_body(bdat=event.bdat)
+            self.intake.start()
         elif isinstance(event, DataEnd):
-            self._suspend(self._reply_after(self._end_body(event), R.LOCAL_ERROR))
+            self._suspend(self._reply_after(self.intake.finish(event), R.LOCAL_ERROR))
             return False
         elif isinstance(event, BdatChunkEnd):
-            conn.send(self._body_error or Reply(250, "2.0.0", f"{event.size} octets received"))
+            conn.send(self.intake.error or Reply(250, "2.0.0", f"{event.size} octets received"))
         elif isinstance(event, Ehlo):
             self.helo, self.extended = event.hostname, event.extended
-            self._drop_body()
+            self.intake.drop()
             if self.checks is not None:
                 self._suspend(self._ehlo_after_checks(event))
                 return False
             conn.send(conn.ehlo_reply(f"Hello {event.hostname}"))
         elif isinstance(event, Reset):
-            self._drop_body()
+            self.intake.drop()
             if self.checks is not None:
                 self.checks.reset()
         elif isinstance(event, (AuthStart, AuthResponse)):
@@ -458,150 +452,6 @@ class SmtpSession(asyncio.Protocol):
             reply = check_recipient_count(self.user, len(self.conn.transaction.recipients))
         return reply
 
-    def _check_from_header(self, headers: HeaderScanner) -> Reply | None:
-        services, user = self.ctx.auth, self.user
-        if user is None or services is None or not services.enforce_from_header:
-            return None
-        reply = check_from_header(user, headers.field("From"))
-        if reply is not None:
-            log.info("From: header refused client=%s user=%s", self.client_ip, user.name)
-        return reply
-
-    # -- message body -----------------------------------------------------------------------------------------------
-    def _start_body(self, *, bdat: bool) -> None:
-        self._drop_body()
-        try:
-            body = self.ctx.queue.body_writer()
-            tx = self.conn.transaction
-            assert tx is not None  # the core emits DataStart only inside a transaction
-            rcpts = tx.recipients
-            proto = ("UTF8SMTP" if tx.mail_params.smtputf8 else "ESMTP") if self.extended else "SMTP"
-            if self.conn.tls_active:
-                proto += "S"
-            if self.user is not None:
-                proto += "A"  # RFC 3848
-            received = received_header(
-                    helo=self.helo,
-                    client_ip=self.client_ip,
-                    hostname=self.ctx.settings.hostname,
-                    protocol=proto,
-                    queue_id=body.queue_id,
-                    recipient=rcpts[0].address if len(rcpts) == 1 else None,
-                    user=self.user.name if self.user is not None and self.ctx.auth is not None
-                    and self.ctx.auth.received_shows_user else None,
-                )
-            body.write(received)
-            self._received = received
-        except QueueFullError:
-            self.conn.send(R.INSUFFICIENT_STORAGE)
-            return
-        except QueueError:
-            self.conn.send(R.LOCAL_ERROR)
-            return
-        self._body = body
-        self._body_error = None
-        self._headers = HeaderScanner()
-        self.conn.accept_data()
-
-    def _on_chunk(self, data: bytes) -> None:
-        if self._body is None or self._body_error is not None:
-            return
-        assert self._headers is not None
-        if not self._headers.done:
-            self._headers.feed(data)
-        try:
-            self._body.write(data)
-        except QueueFullError:
-            self._body_error = R.INSUFFICIENT_STORAGE
-        except QueueError:
-            self._body_error = R.LOCAL_ERROR
-        if self._body_error is not None:
-            log.warning("spool write failed client=%s", self.client_ip)
-            self._drop_body(keep_error=True)
-
-    async def _end_body(self, event: DataEnd) -> Reply:
-        body, headers = self._body, self._headers
-        self._body = None
-        if event.error is not None or self._body_error is not None or body is None or headers is None:
-            if body is not None:
-                body.abort()
-            return event.error or self._body_error or R.LOCAL_ERROR
-        body.canonical = not event.bare_newline  # always, here: a bare CR or LF is an error above
-        headers.finish()
-        if headers.received_count > self.ctx.max_received_headers:
-            body.abort()
-            log.info("mail loop client=%s received=%d", self.client_ip, headers.received_count)
-            return R.MAIL_LOOP
-        refused = self._check_from_header(headers)
-        if refused is not None:
-            body.abort()
-            return refused
-        hold_reason = ""
-        checks = self.checks
-        if checks is not None:
-            refused = await checks.data(body, len(self._received), headers, event.size)
-            if refused is not None:
-                body.abort()
-                checks.reset()
-                return refused
-            if checks.discarded is not None:
-                body.abort()
-                log.info("discarded id=%s client=%s: %s", body.queue_id, self.client_ip, checks.discarded)
-                checks.reset()
-                return Reply(250, "2.0.0", f"Ok: queued as {body.queue_id}")
-            hold_reason = checks.hold_reason
-        try:
-            await apply_header_edits(body, self._received, headers, checks.ctx if checks else None,
-                                     self.ctx.authserv_id)
-        except QueueFullError:
-            body.abort()
-            return R.INSUFFICIENT_STORAGE
-        except QueueError:
-            body.abort()
-            return R.LOCAL_ERROR
-        if checks is not None:
-            checks.reset()
-        tx = self.conn.transaction
-        assert tx is not None
-        envelope = Envelope(
-            sender=tx.sender,
-            mail_params=tx.mail_params,
-            recipients=tx.recipients,
-            helo=self.helo,
-            client_ip=self.client_ip,
-            client_port=self.client_port,
-            tls=self.conn.tls_active,
-            authenticated=self.user.name if self.user is not None else None,
-            hold_reason=hold_reason,
-        )
-        try:
-            queue_id = await self.ctx.queue.accept(envelope, body)
-        except QueueFullError:
-            log.warning("queue full client=%s", self.client_ip)
-            return R.INSUFFICIENT_STORAGE
-        except QueueError as exc:
-            log.error("queue error client=%s: %s", self.client_ip, exc.detail)
-            return R.LOCAL_ERROR
-        if self.user is not None and self.ctx.auth is not None:
-            self.ctx.auth.rate.record(self.user.name, self.user.max_messages_per_hour)
-        log.info(
-            "queued id=%s from=<%s> nrcpt=%d size=%d client=%s%s",
-            queue_id,
-            envelope.sender_address,
-            len(envelope.recipients),
-            event.size,
-            self.client_ip,
-            f" held={hold_reason!r}" if hold_reason else "",
-        )
-        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-    def _drop_body(self, *, keep_error: bool = False) -> None:
-        if self._body is not None:
-            self._body.abort()
-            self._body = None
-        if not keep_error:
-            self._body_error = None
-
     # -- TLS --------------------------------------------------------------------------------------------------------
     async def _start_tls(self) -> bool:
         ctx = self.ctx.ssl_context
@@ -645,7 +495,7 @@ class SmtpSession(asyncio.Protocol):
         if self.checks is not None:
             self.checks.tls_started()
         self._auth = None
-        self._drop_body()
+        self.intake.drop()
         return True
 
     # -- closing ----------------------------------------------------------------------------------------------------
@@ -668,7 +518,7 @@ class SmtpSession(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._drop_body()
+        self.intake.drop()
         self._close()
         if self in self.ctx.state.sessions:
             self.ctx.state.sessions.discard(self)
