@@ -143,6 +143,7 @@ class GroupCommitter:
         self._unsynced = False  # a lazily synced commit is not yet covered by an fsync
         self._sync_delay = LAZY_SYNC_DELAY
         self._hold = LAZY_HOLD
+        self._hold_window = HOLD_WHILE_ACCEPTING
         self._last_accept = float("-inf")  # time.monotonic() of the last committed accept
         # Counters for tests and metrics (written by the writer thread only).
         self.batches = 0  # committed transactions
@@ -197,7 +198,7 @@ class GroupCommitter:
                     break
                 batch.append(item)
             if not stopping and self._hold > 0 and _only_lazy(batch) \
-                    and time.monotonic() - self._last_accept < HOLD_WHILE_ACCEPTING:
+                    and time.monotonic() - self._last_accept < self._hold_window:
                 stopping = self._gather(batch)
             try:
                 self._process(batch)

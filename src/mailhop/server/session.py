@@ -8,10 +8,12 @@ while the client does not read our replies) and storage (bodies stream into the 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import ssl
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from ..policy.submission import check_mail, check_recipient_count
@@ -114,6 +116,7 @@ class SmtpSession(asyncio.Protocol):
         self._pending_bytes = 0
         self.intake = MessageIntake(self)
         self._task: asyncio.Task[None] | None = None  # the step the pump handed over to, while it runs
+        self._step: Coroutine[Any, Any, bool] | None = None  # that step's coroutine
         self._upgrading: list[bytes] | None = None
         self.user: User | None = None
         self._auth: AuthExchange | None = None
@@ -289,6 +292,7 @@ class SmtpSession(asyncio.Protocol):
     def _suspend(self, step: Coroutine[Any, Any, bool]) -> None:
         """Run a step that must wait in a task; the pump resumes after it, or the session ends if it returns
         False."""
+        self._step = step
         self._task = self._loop.create_task(self._run_step(step))
 
     async def _run_step(self, step: Coroutine[Any, Any, bool]) -> None:
@@ -304,7 +308,7 @@ class SmtpSession(asyncio.Protocol):
             return
         if self._task is not me:
             return  # the step handed over to another (an event after a fair turn that must wait too)
-        self._task = None
+        self._task = self._step = None
         if not go_on:
             self._cleanup()
         elif not self._finished:
@@ -328,8 +332,9 @@ class SmtpSession(asyncio.Protocol):
         self._handle(event)  # False from it means handed over or ended: _run_step tells which
         return True
 
-    async def _reply_after(self, pending: Awaitable[Reply | None], default: Reply) -> bool:
-        self.conn.send(await pending or default)
+    async def _reply_after(self, pending: Callable[[], Awaitable[Reply | None]], default: Reply) -> bool:
+        # A callable, not an awaitable: nothing is created that a step cancelled before it starts leaves unawaited.
+        self.conn.send(await pending() or default)
         return True
 
     async def _ehlo_after_checks(self, event: Ehlo) -> bool:
@@ -346,20 +351,20 @@ class SmtpSession(asyncio.Protocol):
         elif isinstance(event, Rcpt):
             reply = self._rcpt_policy(event)
             if reply is None and self.checks is not None:
-                self._suspend(self._reply_after(self.checks.rcpt(str(event.recipient.mailbox)), R.RCPT_OK))
+                self._suspend(self._reply_after(partial(self.checks.rcpt, str(event.recipient.mailbox)), R.RCPT_OK))
                 return False
             conn.send(reply or R.RCPT_OK)
         elif isinstance(event, Mail):
             reply = self._mail_policy(event)
             if reply.is_positive and self.checks is not None:
                 sender = "" if event.sender is None else str(event.sender)
-                self._suspend(self._reply_after(self.checks.mail(sender, tls=conn.tls_active), reply))
+                self._suspend(self._reply_after(partial(self.checks.mail, sender, tls=conn.tls_active), reply))
                 return False
             conn.send(reply)
         elif isinstance(event, DataStart):
             self.intake.start()
         elif isinstance(event, DataEnd):
-            self._suspend(self._reply_after(self.intake.finish(event), R.LOCAL_ERROR))
+            self._suspend(self._reply_after(partial(self.intake.finish, event), R.LOCAL_ERROR))
             return False
         elif isinstance(event, BdatChunkEnd):
             conn.send(self.intake.error or Reply(250, "2.0.0", f"{event.size} octets received"))
@@ -539,9 +544,12 @@ class SmtpSession(asyncio.Protocol):
             self.transport.abort()
         self._closed = True
         if self._task is not None:
-            self._task.cancel()  # its step ends the session when the cancellation reaches it
-        else:
-            self._cleanup()
+            self._task.cancel()
+            # A task cancelled before its first step never runs _run_step's handlers, nor its step: close the step
+            # (no "never awaited" warning) and end the session here rather than rely on the task.
+            if self._step is not None and inspect.getcoroutinestate(self._step) == inspect.CORO_CREATED:
+                self._step.close()
+        self._cleanup()
 
     def closed_waiter(self) -> asyncio.Future[None]:
         """A future that is done when the session has ended (for the daemon's shutdown grace period)."""
