@@ -187,16 +187,8 @@ class GroupCommitter:
                 first = requests.get()
             if first is None:
                 break
-            batch = [first]
-            while True:
-                try:
-                    item = requests.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+            batch: list[AcceptRequest | OpRequest] = [first]
+            stopping = self._drain(batch)
             if not stopping and self._hold > 0 and _only_lazy(batch) \
                     and time.monotonic() - self._last_accept < self._hold_window:
                 stopping = self._gather(batch)
@@ -236,15 +228,19 @@ class GroupCommitter:
                 return True
             batch.append(item)
             if not (isinstance(item, OpRequest) and item.lazy_sync):
-                while True:  # company came: take whatever else is already waiting, and go
-                    try:
-                        item = requests.get_nowait()
-                    except queue.Empty:
-                        return False
-                    if item is None:
-                        return True
-                    batch.append(item)
+                return self._drain(batch)  # company came: take whatever else is already waiting, and go
         return False
+
+    def _drain(self, batch: list[AcceptRequest | OpRequest]) -> bool:
+        """Add every request already waiting to the batch, without waiting; True when the stop marker came."""
+        while True:
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
 
     def _process(self, batch: Sequence[AcceptRequest | OpRequest]) -> None:
         accepts = [r for r in batch if isinstance(r, AcceptRequest)]

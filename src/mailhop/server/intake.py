@@ -84,7 +84,6 @@ class MessageIntake:
 
     def chunk(self, data: bytes) -> None:
         """Message octets, decoded by the core: into the header scan and the spool."""
-        s = self.session
         if self._body is None or self.error is not None:
             return
         assert self._headers is not None
@@ -97,7 +96,7 @@ class MessageIntake:
         except QueueError:
             self.error = R.LOCAL_ERROR
         if self.error is not None:
-            log.warning("spool write failed client=%s", s.client_ip)
+            log.warning("spool write failed client=%s", self.session.client_ip)
             self.drop(keep_error=True)
 
     async def finish(self, event: DataEnd) -> Reply:

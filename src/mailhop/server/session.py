@@ -177,8 +177,7 @@ class SmtpSession(asyncio.Protocol):
         if self._pending_bytes > _READ_HIGH_WATER and not self._paused and self.transport is not None:
             self.transport.pause_reading()
             self._paused = True
-        if self._waiting:
-            self._pump()
+        self._resume()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_data(b"")
@@ -271,7 +270,8 @@ class SmtpSession(asyncio.Protocol):
             self._timer = loop.call_at(deadline, self._on_timer)
         self._pending_bytes = 0
         self._waiting = True
-        # Last: a transport may deliver buffered input from resume_reading, which re-enters the pump.
+        # Last, and with the pump already parked: should a transport ever deliver buffered input from inside
+        # resume_reading (none of asyncio's or uvloop's do today), it would find a pump ready to take it.
         if self._paused and not self._write_paused and self.transport is not None and not self._closed:
             self._paused = False
             self.transport.resume_reading()
@@ -281,7 +281,7 @@ class SmtpSession(asyncio.Protocol):
         if not self._waiting:
             return  # a step is running: the next wait arms a timer for its own deadline
         if self._loop.time() >= self._deadline:
-            self._waiting = False
+            self._waiting = False  # before closing: an SSL transport's close() may hand us its last input at once
             self._flush()
             self._write_raw(self.conn.timeout_reply().to_bytes())
             log.info("timeout client=%s", self.client_ip)
@@ -388,16 +388,11 @@ class SmtpSession(asyncio.Protocol):
         elif isinstance(event, StartTls):
             self._suspend(self._start_tls())
             return False
-        elif isinstance(event, Quit):
-            conn.send(R.BYE)
+        elif isinstance(event, (Quit, ConnectionClosed)):
+            if isinstance(event, Quit):
+                conn.send(R.BYE)
             self._flush()
-            self._close()
-            self._cleanup()
-            return False
-        elif isinstance(event, ConnectionClosed):
-            self._flush()
-            self._close()
-            self._cleanup()
+            self._cleanup()  # closes the transport
             return False
         else:  # pragma: no cover - the core's event set is closed
             raise AssertionError(f"unhandled event {event!r}")
