@@ -9,6 +9,7 @@ import errno
 import os
 import sqlite3
 import stat
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -473,3 +474,40 @@ async def test_stop_commits_a_held_record(tmp_path: Path, clock: FakeClock) -> N
     async with opened(tmp_path / "s", clock=clock) as again:
         stored = await again.get(qid)
         assert stored is not None and stored.recipients[0].status.value == "delivered"
+
+
+async def test_one_batch_of_many_messages_and_recipients_stores_every_row(q: SqliteQueue) -> None:
+    """Rows go in as multi-row INSERTs in power-of-two chunks (1 to 64): 150 recipients is 64+64+16+4+2."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: sqlite3.Connection) -> None:
+        entered.set()
+        gate.wait(10)
+
+    blocked = asyncio.ensure_future(on_writer(q, hold_the_writer))
+    assert await asyncio.to_thread(entered.wait, 10)
+    shapes = [1, 2, 3, 150, 64, 65]
+    envelopes = [
+        make_envelope(rcpts=tuple(f"r{n}-{i}@d{i % 7}.example" for i in range(n)),
+                      rcpt_params=tuple(RcptParams(notify=("FAILURE",) if i % 2 else (),
+                                                   orcpt=f"rfc822;o{i}@x.example" if i % 3 == 0 else None)
+                                        for i in range(n)))
+        for n in shapes
+    ]
+    before = q.counters()["batches"]
+    accepts = [asyncio.ensure_future(queue_message(q, f"Subject: {n}\r\n\r\n{n}\r\n".encode(), env))
+               for n, env in zip(shapes, envelopes, strict=True)]
+    await asyncio.sleep(0.1)  # every accept is submitted, waiting behind the blocked batch
+    gate.set()
+    await blocked
+    ids = await asyncio.gather(*accepts)
+    assert q.counters()["batches"] - before == 2  # the blocked operation's, then one for all six messages
+    for n, env, qid in zip(shapes, envelopes, ids, strict=True):
+        stored = await q.get(qid)
+        assert stored is not None
+        assert [r.idx for r in stored.recipients] == list(range(n))
+        assert [r.address for r in stored.recipients] == [str(r.mailbox) for r in env.recipients]
+        assert [r.domain for r in stored.recipients] == [f"d{i % 7}.example" for i in range(n)]
+        assert [r.notify for r in stored.recipients] == [p.notify for p in (r.params for r in env.recipients)]
+        assert [r.orcpt for r in stored.recipients] == [p.orcpt for p in (r.params for r in env.recipients)]
+        assert await read_all(q, qid) == f"Subject: {n}\r\n\r\n{n}\r\n".encode()
