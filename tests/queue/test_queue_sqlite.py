@@ -477,7 +477,7 @@ async def test_stop_commits_a_held_record(tmp_path: Path, clock: FakeClock) -> N
 
 
 async def test_one_batch_of_many_messages_and_recipients_stores_every_row(q: SqliteQueue) -> None:
-    """Rows go in as multi-row INSERTs in power-of-two chunks (1 to 64): 150 recipients is 64+64+16+4+2."""
+    """Six messages with 1 to 150 recipients committed as one batch: every row in place, in order."""
     entered, gate = threading.Event(), threading.Event()
 
     def hold_the_writer(conn: sqlite3.Connection) -> None:

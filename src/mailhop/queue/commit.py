@@ -4,7 +4,7 @@ Requests arrive on a ``queue.SimpleQueue``. The thread blocks for the first one,
 request already waiting (it never sleeps to gather more), and handles them all in one transaction::
 
     BEGIN IMMEDIATE
-    INSERT messages ; INSERT bodies ; INSERT recipients    -- multi-row VALUES (see _insert_rows)
+    executemany(INSERT messages) ; executemany(INSERT bodies) ; executemany(INSERT recipients)
     each admin operation, inside its own SAVEPOINT
     COMMIT            -- synchronous=FULL in WAL mode: one fsync of the WAL covers the whole batch
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import queue
@@ -112,17 +111,6 @@ def queue_error_from_exception(exc: BaseException) -> Callable[[], QueueError]:
     else:
         cls, detail = QueueError, f"queue write failed: {type(exc).__name__}: {exc}"
     return lambda: cls(detail)
-
-
-# 64 rows of at most 11 parameters stay under 999, the variable limit of SQLite builds before 3.32.
-_MAX_ROWS_PER_INSERT = 64
-
-
-@functools.lru_cache(maxsize=64)
-def _multi_row(sql: str, rows: int) -> str:
-    """``INSERT ... VALUES (...)`` repeated for ``rows`` rows."""
-    head, values = sql.split(" VALUES ", 1)
-    return f"{head} VALUES {', '.join([values] * rows)}"
 
 
 def _only_lazy(batch: Sequence[AcceptRequest | OpRequest]) -> bool:
@@ -264,12 +252,12 @@ class GroupCommitter:
             self._set_synchronous(full=not lazy)
             conn.execute("BEGIN IMMEDIATE")
             if accepts:
-                self._insert_rows(self._insert_message, [a.message_row for a in accepts])
+                conn.executemany(self._insert_message, [a.message_row for a in accepts])
                 bodies = [a.body_row for a in accepts if a.body_row is not None]
                 if bodies:
-                    self._insert_rows(self._insert_body, bodies)
-                self._insert_rows(self._insert_recipient,
-                                  list(itertools.chain.from_iterable(a.recipient_rows for a in accepts)))
+                    conn.executemany(self._insert_body, bodies)
+                conn.executemany(self._insert_recipient,
+                                 itertools.chain.from_iterable(a.recipient_rows for a in accepts))
             for op in ops:
                 op_outcomes.append(self._run_operation(conn, op))
             crash_point("after_body_fsync")
@@ -314,23 +302,6 @@ class GroupCommitter:
                         log.exception("queue writer: post-commit action failed")
             results.append((op.future, value, error))
         self._resolve(results)
-
-    def _insert_rows(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Insert rows with as few statements as possible: a multi-row VALUES per chunk of a power-of-two size.
-
-        executemany steps once per row, and each step releases the GIL and must win it back from the busy event
-        loop; one statement per chunk does that once. Power-of-two chunks keep the statements few enough for the
-        connection's statement cache.
-        """
-        start = 0
-        while start < len(rows):
-            size = min(_MAX_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
-            chunk = rows[start:start + size]
-            start += size
-            if size == 1:
-                self._conn.execute(sql, chunk[0])
-            else:
-                self._conn.execute(_multi_row(sql, size), tuple(itertools.chain.from_iterable(chunk)))
 
     def _set_synchronous(self, *, full: bool) -> None:
         # SQLite refuses to change it inside a transaction: set before BEGIN, only when it changes.
