@@ -41,8 +41,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("mailhop.daemon")
 
-# The queue's writer thread needs the GIL for a moment between its SQLite calls (a batch makes about seven such
-# calls), and CPython makes a thread that wants the GIL wait up to the switch interval, 5 ms by default, for the
+# The queue's writer thread needs the GIL back after each SQLite call (CPython's sqlite3 releases it for every
+# statement reset and step, a dozen or more times per batch), and CPython makes a thread that wants the GIL wait up to the switch interval, 5 ms by default, for the
 # thread holding it, which under load is always the event loop. Every accepted message's 250 waits for that
 # commit, so at the default the commit latency, not the CPU, limited throughput: measured with 20 sessions,
 # 1 ms took accept 5 KB from ~2,560 to ~3,000 msgs/s at the same CPU per message (bench/RESULTS.md); 0.5 ms and

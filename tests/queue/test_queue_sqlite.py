@@ -497,7 +497,12 @@ async def test_one_batch_of_many_messages_and_recipients_stores_every_row(q: Sql
     before = q.counters()["batches"]
     accepts = [asyncio.ensure_future(queue_message(q, f"Subject: {n}\r\n\r\n{n}\r\n".encode(), env))
                for n, env in zip(shapes, envelopes, strict=True)]
-    await asyncio.sleep(0.1)  # every accept is submitted, waiting behind the blocked batch
+    for _ in range(1000):  # until all six wait behind the blocked batch
+        if q._committer is not None and q._committer._requests.qsize() == len(shapes):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the accepts never reached the writer's queue")
     gate.set()
     await blocked
     ids = await asyncio.gather(*accepts)
@@ -508,6 +513,6 @@ async def test_one_batch_of_many_messages_and_recipients_stores_every_row(q: Sql
         assert [r.idx for r in stored.recipients] == list(range(n))
         assert [r.address for r in stored.recipients] == [str(r.mailbox) for r in env.recipients]
         assert [r.domain for r in stored.recipients] == [f"d{i % 7}.example" for i in range(n)]
-        assert [r.notify for r in stored.recipients] == [p.notify for p in (r.params for r in env.recipients)]
-        assert [r.orcpt for r in stored.recipients] == [p.orcpt for p in (r.params for r in env.recipients)]
+        assert [r.notify for r in stored.recipients] == [r.params.notify for r in env.recipients]
+        assert [r.orcpt for r in stored.recipients] == [r.params.orcpt for r in env.recipients]
         assert await read_all(q, qid) == f"Subject: {n}\r\n\r\n{n}\r\n".encode()
