@@ -16,6 +16,7 @@ on the same two cores, so its figure carries that work too.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .mailhop import running_mailhop
 from .postfix import PrivatePostfix, private_postfix, require
-from .procs import tree_cpu_seconds
+from .procs import machine_cpu_seconds, tree_cpu_seconds
 
 __all__ = [
     "ACCEPT_ONLY",
@@ -116,6 +117,8 @@ class RunResult:
     messages: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # CPU seconds the whole machine was busy during the timed part (see procs.machine_cpu_seconds)
+    machine_cpu: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -125,19 +128,39 @@ class RunResult:
     def rate(self) -> float | None:
         return self.messages / self.seconds if self.ok else None
 
+    @property
+    def machine_cpu_per_message(self) -> float | None:
+        """Machine CPU microseconds per message, None for a failed or unmeasured run."""
+        if not self.ok or self.machine_cpu is None or not self.messages:
+            return None
+        return self.machine_cpu / self.messages * 1e6
+
 
 def note_cpu(result: RunResult, seconds: float, messages: int) -> None:
     """Note mailhop's CPU time over the timed part of a run, in all and per message."""
     result.notes.append(f"mailhop CPU {seconds:.2f} s = {seconds / messages * 1e6:.0f} us per message")
 
 
+def note_machine_cpu(result: RunResult, busy: float, seconds: float) -> None:
+    """Record and note how busy the whole machine was over a timed part of seconds."""
+    result.machine_cpu = busy
+    if seconds > 0 and result.messages:
+        result.notes.append(
+            f"machine CPU {busy / result.messages * 1e6:.0f} us per message, {busy / seconds:.2f} of "
+            f"{os.cpu_count()} cores busy (every process and the kernel)"
+        )
+
+
 def time_smtp_source(workload: Workload, address: str, result: RunResult) -> None:
-    """Run smtp-source against address and record its wall time; any error output is a problem."""
+    """Run smtp-source against address and record its wall time and the machine's CPU over it; any error output
+    is a problem."""
     argv = workload.argv(require("smtp-source"), address)
+    busy_before = machine_cpu_seconds()
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=workload.timeout(), check=False)
     result.seconds = time.perf_counter() - started
     result.messages = workload.messages
+    note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
     output = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     if proc.returncode != 0:
         result.problems.append(f"smtp-source exited {proc.returncode}")

@@ -20,6 +20,7 @@ __all__ = [
     "BenchError",
     "find_program",
     "free_port",
+    "machine_cpu_seconds",
     "pid_alive",
     "port_open",
     "stop_process",
@@ -60,6 +61,20 @@ def tree_cpu_seconds(pid: int) -> float:
         total += own.get(p, 0.0)
         todo.extend(children.get(p, ()))
     return total
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all cores of the machine have been busy since boot (user, nice, system, irq, softirq in
+    ``/proc/stat``; not idle, I/O wait or time stolen by the hypervisor).
+
+    Over a run this counts every process, the kernel's loopback TCP work included, so it compares targets whose
+    processes come and go (Postfix's) with ones that stay (mailhop's), on a machine doing nothing else."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    if fields[0] != "cpu":
+        raise BenchError(f"/proc/stat does not start with the cpu line: {fields[:1]}")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields[1:8])
+    return (user + nice + system + irq + softirq) / _TICKS
 
 
 class BenchError(RuntimeError):

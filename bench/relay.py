@@ -21,10 +21,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .accept import RunResult, Workload, check_postfix_relayed, note_cpu, postfix_at_sink
+from .accept import RunResult, Workload, check_postfix_relayed, note_cpu, note_machine_cpu, postfix_at_sink
 from .mailhop import DEFAULT_PER_DESTINATION, MAILHOP_RCPTS_PER_TRANSACTION, MailhopRelay, running_mailhop
 from .postfix import SmtpSink, private_postfix, require
-from .procs import BenchError, stop_process, tree_cpu_seconds
+from .procs import BenchError, machine_cpu_seconds, stop_process, tree_cpu_seconds
 from .profiling import finish_profiler, start_profiler
 
 __all__ = ["check_log", "run_mailhop_relay", "run_postfix_relay", "time_relay"]
@@ -54,6 +54,7 @@ def time_relay(
         raise BenchError(f"smtp-sink counted {counted} messages before the run started, expected {already}")
     expected += already
     with output_path.open("wb") as output:
+        busy_before = machine_cpu_seconds()
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
     deadline = started + workload.timeout()
@@ -87,6 +88,8 @@ def time_relay(
     result.messages = workload.messages
     if sink_done is not None:
         result.seconds = sink_done - started
+        # Up to the poll that saw the last message: at most RELAY_POLL of idle machine on top.
+        note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
     if source_done is not None:
         result.notes.append(
             f"smtp-source ended at {source_done - started:.2f}s, the sink had everything at "

@@ -110,8 +110,15 @@ def median_rate(results: Sequence[RunResult], target: str) -> float | None:
     return statistics.median(rates) if mine and len(rates) == len(mine) else None
 
 
+def median_machine_cpu(results: Sequence[RunResult], target: str) -> float | None:
+    """Median machine CPU us per message over the target's runs; None unless every one of them has it."""
+    mine = [r for r in results if r.target == target]
+    costs = [c for c in (r.machine_cpu_per_message for r in mine) if c is not None]
+    return statistics.median(costs) if mine and len(costs) == len(mine) else None
+
+
 def table_row(workload: Workload, results: Sequence[RunResult], targets: Sequence[str]) -> str:
-    """One workload's row: medians and the mailhop/Postfix ratio."""
+    """One workload's row: medians, the mailhop/Postfix ratio and each target's machine CPU per message."""
 
     def cell(target: str, value: float | None) -> str:
         if target not in targets:
@@ -120,15 +127,21 @@ def table_row(workload: Workload, results: Sequence[RunResult], targets: Sequenc
 
     mailhop, postfix = median_rate(results, "mailhop"), median_rate(results, "postfix")
     ratio = f"{mailhop / postfix:.2f}" if mailhop is not None and postfix else "-"
-    return f"| {workload.name} | {cell('mailhop', mailhop)} | {cell('postfix', postfix)} | {ratio} |"
+    costs = " / ".join(
+        "-" if cost is None else f"{cost:.0f}"
+        for cost in (median_machine_cpu(results, target) if target in targets else None
+                     for target in ("mailhop", "postfix"))
+    )  # fmt: skip
+    return f"| {workload.name} | {cell('mailhop', mailhop)} | {cell('postfix', postfix)} | {ratio} | {costs} |"
 
 
 def render_table(rows: Sequence[tuple[Workload, Sequence[RunResult]]], targets: Sequence[str]) -> str:
     """The Markdown summary table, one row per workload."""
     return "\n".join(
         [
-            "| workload | mailhop msgs/s (median) | Postfix msgs/s (median) | ratio mailhop/Postfix |",
-            "|---|---:|---:|---:|",
+            "| workload | mailhop msgs/s (median) | Postfix msgs/s (median) | ratio mailhop/Postfix "
+            "| machine CPU us/msg, mailhop / Postfix |",
+            "|---|---:|---:|---:|---:|",
             *(table_row(workload, results, targets) for workload, results in rows),
         ]
     )

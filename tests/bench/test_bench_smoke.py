@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import require_program
 
 REPO = Path(__file__).resolve().parents[2]
-ROW = r"^\| {name} \| \d+ \| \d+ \| \d+\.\d+ \|$"
+ROW = r"^\| {name} \| \d+ \| \d+ \| \d+\.\d+ \| \d+ / \d+ \|$"
 ACCEPT_LINE = re.compile(ROW.format(name="accept 5 KB, 20 sessions"), re.MULTILINE)
 RELAY_LINE = re.compile(ROW.format(name="relay 5 KB, 20 sessions"), re.MULTILINE)
 ANY_ROW = re.compile(r"^\| (accept|relay) ", re.MULTILINE)
@@ -132,3 +132,40 @@ def test_idle_probe_percentiles_are_nearest_rank() -> None:
     assert probe.percentile(99) == 0.297  # the third slowest of 300
     assert Probe().percentile(99) is None
     assert [source_address(i) for i in (0, 249, 250)] == ["127.1.0.1", "127.1.0.250", "127.1.1.1"]
+
+
+def test_machine_cpu_seconds_counts_busy_time_of_every_process() -> None:
+    """The machine-wide figure grows by at least the CPU a child process burns, and not while everything
+    sleeps much longer than that."""
+    from bench.procs import machine_cpu_seconds
+
+    before = machine_cpu_seconds()
+    spin = subprocess.run(
+        [sys.executable, "-c", "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"],
+        check=True,
+    )
+    assert spin.returncode == 0
+    assert machine_cpu_seconds() - before >= 0.4  # clock ticks round the 0.5 s down by at most one tick each
+
+
+def test_table_row_shows_median_rates_ratio_and_machine_cpu() -> None:
+    from bench.accept import RunResult, Workload
+    from bench.run import render_table, table_row
+
+    shape = Workload(sessions=20, messages=1000, size=5120)
+    results = [
+        RunResult("mailhop", 1, seconds=0.5, messages=1000, machine_cpu=0.5),  # 2000 msgs/s, 500 us
+        RunResult("mailhop", 2, seconds=0.4, messages=1000, machine_cpu=0.6),  # 2500 msgs/s, 600 us
+        RunResult("mailhop", 3, seconds=1.0, messages=1000, machine_cpu=0.55),  # 1000 msgs/s, 550 us
+        RunResult("postfix", 1, seconds=1.0, messages=1000, machine_cpu=1.2),  # 1000 msgs/s, 1200 us
+    ]
+    assert table_row(shape, results, ["mailhop", "postfix"]) == (
+        "| accept 5 KB, 20 sessions | 2000 | 1000 | 2.00 | 550 / 1200 |"
+    )
+    # A failed run leaves the target's medians out rather than quoting the runs that passed.
+    failed = [*results[:3], RunResult("postfix", 1, seconds=1.0, messages=1000, problems=["lost one"])]
+    assert table_row(shape, failed, ["mailhop", "postfix"]) == (
+        "| accept 5 KB, 20 sessions | 2000 | FAILED | - | 550 / - |"
+    )
+    assert table_row(shape, results[:3], ["mailhop"]) == "| accept 5 KB, 20 sessions | 2000 | not run | - | 550 / - |"
+    assert render_table([(shape, results)], ["mailhop", "postfix"]).splitlines()[1] == "|---|---:|---:|---:|---:|"
