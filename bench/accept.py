@@ -151,16 +151,17 @@ def note_machine_cpu(result: RunResult, busy: float, seconds: float) -> None:
         )
 
 
-def time_smtp_source(workload: Workload, address: str, result: RunResult) -> None:
-    """Run smtp-source against address and record its wall time and the machine's CPU over it; any error output
-    is a problem."""
+def time_smtp_source(workload: Workload, address: str, result: RunResult, *, machine: bool = False) -> None:
+    """Run smtp-source against address and record its wall time (and with machine, the machine's CPU over it);
+    any error output is a problem."""
     argv = workload.argv(require("smtp-source"), address)
     busy_before = machine_cpu_seconds()
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=workload.timeout(), check=False)
     result.seconds = time.perf_counter() - started
     result.messages = workload.messages
-    note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
+    if machine:
+        note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
     output = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     if proc.returncode != 0:
         result.problems.append(f"smtp-source exited {proc.returncode}")
@@ -181,7 +182,7 @@ def run_mailhop(
         assert relay.pid is not None
         cpu_before = tree_cpu_seconds(relay.pid)
         try:
-            time_smtp_source(workload, relay.address, result)
+            time_smtp_source(workload, relay.address, result, machine=True)
         finally:
             if profiler is not None:
                 finish_profiler(profiler, result)
@@ -205,7 +206,7 @@ def run_postfix(workload: Workload, root: Path, repeat: int, mode: str = "hold")
     smtp-source ends; "relay": every message must be queued and then reach the sink."""
     result = RunResult("postfix", repeat)
     with private_postfix(root, HOLD_SETTINGS if mode == "hold" else None) as postfix:
-        time_smtp_source(workload, postfix.address, result)
+        time_smtp_source(workload, postfix.address, result, machine=True)
         if mode == "hold":
             check_postfix_held(workload, postfix, result)
         else:

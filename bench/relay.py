@@ -38,13 +38,14 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")  # the last 
 
 def time_relay(
     workload: Workload, address: str, sink: SmtpSink, root: Path, result: RunResult, expected: int,
-    already: int = 0,
+    already: int = 0, *, machine: bool = False,
 ) -> float | None:
     """Start smtp-source against address and time it until the sink has counted expected transactions more
     than the already it must hold at the start (a warm-up's); returns smtp-source's own wall time (None if it
     did not end).
 
-    smtp-source must also exit 0 and print nothing. A run whose sink stops counting for STALL_TIMEOUT after
+    With machine, the machine's CPU over that time is recorded and noted (see note_machine_cpu). smtp-source
+    must also exit 0 and print nothing. A run whose sink stops counting for STALL_TIMEOUT after
     smtp-source ended, or that exceeds the workload's timeout, fails instead of hanging.
     """
     output_path = root / "smtp-source.out"
@@ -88,8 +89,8 @@ def time_relay(
     result.messages = workload.messages
     if sink_done is not None:
         result.seconds = sink_done - started
-        # Up to the poll that saw the last message: at most RELAY_POLL of idle machine on top.
-        note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
+        if machine:  # up to the poll that saw the last message: at most RELAY_POLL of idle machine on top
+            note_machine_cpu(result, machine_cpu_seconds() - busy_before, result.seconds)
     if source_done is not None:
         result.notes.append(
             f"smtp-source ended at {source_done - started:.2f}s, the sink had everything at "
@@ -139,7 +140,7 @@ def run_mailhop_relay(
             assert relay.pid is not None
             cpu_before = tree_cpu_seconds(relay.pid)
             try:
-                time_relay(workload, relay.address, sink, root, result, expected)
+                time_relay(workload, relay.address, sink, root, result, expected, machine=True)
             finally:
                 if profiler is not None:
                     finish_profiler(profiler, result)
@@ -193,7 +194,7 @@ def run_postfix_relay(workload: Workload, root: Path, repeat: int) -> RunResult:
     result = RunResult("postfix", repeat)
     with private_postfix(root) as postfix:
         expected = postfix_at_sink(workload, postfix)
-        time_relay(workload, postfix.address, postfix.sink, root, result, expected)
+        time_relay(workload, postfix.address, postfix.sink, root, result, expected, machine=True)
         if result.problems:
             return result
         check_postfix_relayed(workload, postfix, result, drained=None)
