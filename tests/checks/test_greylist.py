@@ -1,13 +1,30 @@
-"""Greylisting: the triplet lifecycle on a stepped clock, network keys, bypasses, auto-allow and bounded memory."""
+"""Greylisting: the triplet lifecycle on a stepped clock, network keys, bypasses, auto-allow and bounded memory; the
+lifecycle on both stores (memory, and a real Redis), the Redis store shared by two checks (two workers) and
+failing open."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from mailhop.checks.api import Action, CheckContext, Phase, Verdict
 from mailhop.checks.chain import PolicyChain
-from mailhop.checks.greylist import GreylistCheck, MemoryGreylistStore, Triplet, normal_sender, triplet_key
+from mailhop.checks.greylist import (
+    GreylistCheck,
+    GreylistStore,
+    MemoryGreylistStore,
+    RedisGreylistStore,
+    Triplet,
+    normal_sender,
+    triplet_key,
+)
 from mailhop.config.checks import GreylistConfig
+from tests.support.redisserver import REDIS_URL, delete_prefix, fresh_prefix, redis_or_skip
 
 pytestmark = pytest.mark.anyio
 
@@ -26,9 +43,9 @@ class Clock:
 
 class Rig:
     def __init__(self, *, auto_allow_after: int = 0, skip_networks: tuple[str, ...] = (),
-                 max_entries: int = 1_000_000) -> None:
+                 max_entries: int = 1_000_000, store: GreylistStore | None = None) -> None:
         self.clock = Clock()
-        self.store = MemoryGreylistStore(max_entries=max_entries)
+        self.store: Any = store if store is not None else MemoryGreylistStore(max_entries=max_entries)
         cfg = GreylistConfig(enabled=True, delay=DELAY, retry_window=WINDOW, expire=EXPIRE,
                              auto_allow_after=auto_allow_after, skip_networks=list(skip_networks))
         self.check = GreylistCheck(cfg, self.store, clock=self.clock)
@@ -42,6 +59,28 @@ class Rig:
         self.clock.t += seconds
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def make_rig(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Rig]]:
+    """Builds rigs on one kind of store; Redis ones under a fresh key prefix, removed afterwards."""
+    prefix = fresh_prefix()
+    stores: list[RedisGreylistStore] = []
+
+    def make(**options: Any) -> Rig:
+        if request.param == "memory":
+            return Rig(**options)
+        store = RedisGreylistStore(REDIS_URL, prefix=prefix + f"{len(stores)}:")
+        stores.append(store)
+        return Rig(store=store, **options)
+
+    if request.param == "redis":
+        redis_or_skip()
+    yield make
+    for store in stores:
+        await store.aclose()
+    if request.param == "redis":
+        await delete_prefix(prefix)
+
+
 def greylisted(verdict: Verdict | None, seconds: int | None = None) -> bool:
     if verdict is None or verdict.action is not Action.TEMPFAIL or verdict.reply is None:
         return False
@@ -51,8 +90,8 @@ def greylisted(verdict: Verdict | None, seconds: int | None = None) -> bool:
     return True
 
 
-async def test_lifecycle() -> None:
-    r = Rig()
+async def test_lifecycle(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt(), 300)
     r.step(100)
     assert greylisted(await r.rcpt(), 200)  # an early retry keeps the first-seen time
@@ -68,12 +107,12 @@ async def test_lifecycle() -> None:
     assert greylisted(await r.rcpt(), 300)  # unused for longer than expire: new again
 
 
-async def test_missed_retry_window_starts_over() -> None:
-    r = Rig()
+async def test_missed_retry_window_starts_over(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt(), 300)
     r.step(DELAY + WINDOW - 0.5)
     assert await r.rcpt() is None  # the window's last moments still count
-    r2 = Rig()
+    r2 = make_rig()
     assert greylisted(await r2.rcpt())
     r2.step(DELAY + WINDOW)
     assert greylisted(await r2.rcpt(), 300)  # treated as new: the full delay again
@@ -81,8 +120,8 @@ async def test_missed_retry_window_starts_over() -> None:
     assert await r2.rcpt() is None
 
 
-async def test_triplet_parts_each_matter() -> None:
-    r = Rig()
+async def test_triplet_parts_each_matter(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt())
     r.step(DELAY)
     assert await r.rcpt() is None
@@ -92,36 +131,36 @@ async def test_triplet_parts_each_matter() -> None:
     assert greylisted(await r.rcpt(ip="192.0.3.10"), 300)  # another /24
 
 
-async def test_retry_from_the_same_ipv4_slash_24_passes() -> None:
-    r = Rig()
+async def test_retry_from_the_same_ipv4_slash_24_passes(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt(ip="192.0.2.10"))
     r.step(DELAY)
     assert await r.rcpt(ip="192.0.2.200") is None
     assert await r.rcpt(ip="::ffff:192.0.2.77") is None  # a dual-stack socket's view of the same network
 
 
-async def test_ipv6_is_keyed_by_slash_64() -> None:
-    r = Rig()
+async def test_ipv6_is_keyed_by_slash_64(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt(ip="2001:db8:1:2::1"))
     r.step(DELAY)
     assert await r.rcpt(ip="2001:db8:1:2:ffff:ee:dd:9") is None
     assert greylisted(await r.rcpt(ip="2001:db8:1:3::1"))
 
 
-async def test_null_sender_is_greylisted_too() -> None:
-    r = Rig()
+async def test_null_sender_is_greylisted_too(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig()
     assert greylisted(await r.rcpt(sender=""))
     r.step(DELAY)
     assert await r.rcpt(sender="") is None
 
 
-async def test_per_message_sender_tags_do_not_defeat_the_triplet() -> None:
+async def test_per_message_sender_tags_do_not_defeat_the_triplet(make_rig: Callable[..., Rig]) -> None:
     assert normal_sender("prvs=0123abcd=Alice@Sender.test") == "alice@sender.test"
     assert normal_sender("bounce-12345-bob=dest.test@list.test") == "bounce-#-bob=dest.test@list.test"
     assert normal_sender("") == ""
     assert triplet_key("192.0.2.0/24", "bounce-1@list.test", RCPT) == triplet_key("192.0.2.0/24",
                                                                                  "bounce-99@list.test", RCPT)
-    r = Rig()
+    r = make_rig()
     assert greylisted(await r.rcpt(sender="prvs=1111aaaa=alice@sender.test"))
     r.step(DELAY)
     assert await r.rcpt(sender="prvs=2222bbbb=alice@sender.test") is None
@@ -147,8 +186,8 @@ def test_bad_skip_network_is_a_config_error() -> None:
         GreylistCheck(cfg, MemoryGreylistStore())
 
 
-async def test_auto_allow_after_n_passed_triplets() -> None:
-    r = Rig(auto_allow_after=2)
+async def test_auto_allow_after_n_passed_triplets(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig(auto_allow_after=2)
     for rcpt in ("a@dest.test", "b@dest.test"):
         assert greylisted(await r.rcpt(rcpt=rcpt))
     r.step(DELAY)
@@ -163,8 +202,8 @@ async def test_auto_allow_after_n_passed_triplets() -> None:
     assert greylisted(await r.rcpt(rcpt="yet-another@dest.test"))  # idle for longer than expire: lapsed
 
 
-async def test_repeated_passes_of_one_triplet_count_once() -> None:
-    r = Rig(auto_allow_after=2)
+async def test_repeated_passes_of_one_triplet_count_once(make_rig: Callable[..., Rig]) -> None:
+    r = make_rig(auto_allow_after=2)
     assert greylisted(await r.rcpt())
     r.step(DELAY)
     for _ in range(5):
@@ -208,3 +247,84 @@ async def test_runs_in_the_chain_at_rcpt() -> None:
     ctx = CheckContext(client_ip=IP, sender=SENDER, recipient=RCPT)
     verdict = await chain.run(Phase.RCPT, ctx)
     assert verdict.action is Action.TEMPFAIL and verdict.reply is not None and verdict.reply.code == 451
+
+
+# -- the Redis store: shared between processes, atomic counts, fail-open ----------------------------------------------
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    redis_or_skip()
+    prefix = fresh_prefix()
+    yield prefix
+    await delete_prefix(prefix)
+
+
+async def test_redis_store_is_shared_by_two_workers(redis_prefix: str) -> None:
+    """Two checks with their own connections (as two worker processes have): a triplet first seen by one passes
+    on the other after the delay, and auto-allow counts passes made on either."""
+    first = RedisGreylistStore(REDIS_URL, prefix=redis_prefix)
+    second = RedisGreylistStore(REDIS_URL, prefix=redis_prefix)
+    try:
+        a, b = Rig(store=first, auto_allow_after=2), Rig(store=second, auto_allow_after=2)
+        b.clock = a.clock  # one wall clock, as on one host
+        b.check.clock = a.clock
+        assert greylisted(await a.rcpt(rcpt="one@dest.test"), 300)
+        a.step(100)
+        assert greylisted(await b.rcpt(rcpt="one@dest.test"), 200)  # b knows a's first sighting
+        assert greylisted(await b.rcpt(rcpt="two@dest.test"), 300)
+        a.step(DELAY)
+        assert await b.rcpt(rcpt="one@dest.test") is None
+        assert await a.rcpt(rcpt="two@dest.test") is None  # the second pass of this network, made on a ...
+        assert await b.rcpt(rcpt="never-seen@dest.test") is None  # ... allows the network on b too
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_redis_network_counts_are_atomic(redis_prefix: str) -> None:
+    stores = [RedisGreylistStore(REDIS_URL, prefix=redis_prefix) for _ in range(2)]
+    try:
+        now = 1_700_000_000.0
+        counts = await asyncio.gather(*(stores[n % 2].add_network_pass("192.0.2.0/24", 1, now + 60, now)
+                                        for n in range(40)))
+        assert sorted(counts) == list(range(1, 41))  # no two increments read the same old count
+        assert await stores[0].network_passes("192.0.2.0/24", now) == 40
+        assert await stores[1].network_passes("192.0.2.0/24", now + 60) == 0  # expired by its own time
+        assert await stores[1].add_network_pass("192.0.2.0/24", 1, now + 200, now + 100) == 1  # lapsed: restarts
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_redis_store_never_returns_expired_entries_and_keys_expire_in_redis(redis_prefix: str) -> None:
+    import redis.asyncio
+
+    store = RedisGreylistStore(REDIS_URL, prefix=redis_prefix)
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await store.put("k", Triplet(1000.0, False), expires=1300.0, now=1000.0)
+        assert await store.get("k", now=1299.0) == Triplet(1000.0, False)
+        assert await store.get("k", now=1300.0) is None
+        ttl = await client.pttl(f"{redis_prefix}t:k")
+        assert 300_000 < ttl <= (300 + RedisGreylistStore.TTL_SLACK) * 1000  # Redis drops it soon after
+        await client.set(f"{redis_prefix}t:junk", b"not a triplet")
+        assert await store.get("junk", now=0.0) is None  # a foreign value is a new triplet, not an error
+    finally:
+        await client.aclose()
+        await store.aclose()
+
+
+async def test_redis_down_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = RedisGreylistStore(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    try:
+        rig = Rig(store=store, auto_allow_after=2)
+        with caplog.at_level(logging.WARNING, logger="mailhop.checks.greylist"):
+            for n in range(3):
+                assert await rig.rcpt(rcpt=f"u{n}@dest.test") is None  # mail flows ungreylisted
+        assert caplog.text.count("redis unavailable") == 1  # warned once, not once per attempt
+    finally:
+        await store.aclose()

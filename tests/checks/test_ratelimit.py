@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -22,6 +20,7 @@ from mailhop.checks.ratelimit import (
     sliding_window,
 )
 from mailhop.config.checks import RateLimitConfig, RateRuleConfig
+from tests.support.redisserver import REDIS_URL, delete_prefix, fresh_prefix, redis_or_skip
 
 pytestmark = pytest.mark.anyio
 
@@ -251,33 +250,11 @@ async def test_runs_in_the_chain() -> None:
 
 # -- the backend contract, on memory and on a real Redis -------------------------------------------------------------
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def _redis_or_skip() -> None:
-    """Skip (fail under CI=true) when redis-py or the Redis server at 127.0.0.1:6379 is missing."""
-    reason = ""
-    try:
-        import redis
-    except ImportError:
-        reason = "redis-py not installed (pip install 'redis>=5')"
-    else:
-        try:
-            with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0, socket_timeout=1.0) as client:
-                client.ping()
-        except (redis.RedisError, OSError) as exc:
-            reason = f"no Redis server at 127.0.0.1:6379 ({exc})"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Clock], RateBackend]]:
     """Builds backends of one kind on a given clock; Redis ones under a fresh key prefix, removed afterwards."""
     made: list[RateBackend] = []
-    prefix = f"mailhop-test:{uuid.uuid4().hex}:"
+    prefix = fresh_prefix()
 
     def make(clock: Clock) -> RateBackend:
         backend: RateBackend
@@ -289,16 +266,10 @@ async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[Callable
         return backend
 
     if request.param == "redis":
-        _redis_or_skip()
+        redis_or_skip()
     yield make
     if request.param == "redis":
-        import redis.asyncio
-
-        client = redis.asyncio.Redis.from_url(REDIS_URL)
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await delete_prefix(prefix)
     for backend in made:
         await backend.aclose()
 

@@ -148,8 +148,10 @@ def start_relay(cfg: Path, host: str, port: int, spool: Path, env: dict[str, str
 class Client:
     """A minimal raw SMTP client for transcripts: sends exact bytes, reads whole replies with a deadline."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10, source: str | None = None) -> None:
+        """``source``: the local address to connect from (another loopback address than the trusted one)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

@@ -13,8 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
+from tests.support.redisserver import REDIS_URL, redis_or_skip
 from tests.support.sink import SmtpSink
 
 from .harness import Client, Relay, free_port, run_relay, start_relay, write_config
@@ -114,12 +116,55 @@ def test_fewer_workers_than_shards_with_mail_refuses_to_start(tmp_path: Path) ->
     assert len(listing) == 16
 
 
-def test_greylisting_with_workers_is_a_config_error(tmp_path: Path) -> None:
+def test_greylisting_in_memory_with_workers_is_a_config_error(tmp_path: Path) -> None:
     cfg = tmp_path / "mh.toml"
     cfg.write_text('hostname = "relay.example.test"\nworkers = 2\n[checks.greylist]\nenabled = true\n')
     out = subprocess.run([sys.executable, "-m", "mailhop.cli", "check-config", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 78 and "greylist" in out.stderr
+    assert out.returncode == 78 and "greylist" in out.stderr and 'backend = "redis"' in out.stderr
+    cfg.write_text(cfg.read_text() + 'backend = "redis"\n')
+    out = subprocess.run([sys.executable, "-m", "mailhop.cli", "check-config", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_greylisting_in_redis_works_across_workers(tmp_path: Path) -> None:
+    """With the Redis store, a retry passes whichever worker it reaches. 24 triplets, each refused once and then
+    retried on a new connection: a store per worker would refuse about half of the retries (SO_REUSEPORT spreads
+    connections by their source port), so every retry passing is the proof (a per-worker store passes all 24
+    with chance 2**-24)."""
+    redis_or_skip()
+    run = uuid.uuid4().hex[:12]  # the triplets are new to the shared Redis on every run of this test
+    extra = textwrap.dedent(f"""
+    [checks.greylist]
+    enabled = true
+    delay = 0
+    retry_window = 60
+    expire = 60
+    auto_allow_after = 0
+    backend = "redis"
+    redis_url = "{REDIS_URL}"
+    """)
+    with run_relay(tmp_path, top=TWO, extra=extra, trusted='["127.0.0.1/32"]') as relay:
+        wait_log(relay, r"ready listeners=\S+ spool=\S+ worker=\d", 2)
+
+        def attempt(n: int) -> str:
+            c = Client(relay.host, relay.port, source="127.0.0.2")  # not trusted: greylisted
+            try:
+                c.reply()
+                for cmd in ("EHLO client.test", f"MAIL FROM:<s{run}@sender.test>"):
+                    c.line(cmd)
+                    assert c.reply().startswith("250")
+                c.line(f"RCPT TO:<u{n}@example.test>")
+                return c.reply()
+            finally:
+                c.close()
+
+        firsts = [attempt(n) for n in range(24)]
+        assert all(r.startswith("451 4.7.1 Greylisted") for r in firsts), firsts
+        retries = [attempt(n) for n in range(24)]
+        assert all(r.startswith("250") for r in retries), retries
+    assert len(re.findall(r"greylist: passed after", relay.log())) == 24
 
 
 def test_every_worker_delivers_what_it_accepted(tmp_path: Path) -> None:

@@ -20,6 +20,12 @@ Never greylisted: authenticated users, trusted clients and ``skip_networks``. Th
 greylisted: bounces come from MTA queues that retry. (Sender-verification callouts, which use <> and do not
 retry, therefore fail while their triplet is new; that is their caller's problem, as with any greylisting MTA.)
 
+Stores: ``MemoryGreylistStore`` lives in the process (one worker; state is lost on restart); ``RedisGreylistStore``
+keeps triplets in Redis, shared by every worker and every relay that uses it (a client's retry often reaches a
+different process or host than its first attempt) and kept across restarts. When Redis is down or errs, the Redis
+store fails open: triplets count as passed, so mail flows ungreylisted, and a warning is logged at most once a
+minute. Greylisting is a spam heuristic; stopping all mail because its store is down would be the worse outage.
+
 Memory: ``MemoryGreylistStore`` keeps at most ``max_entries`` triplets and ``max_entries`` networks, dropping the
 oldest pending ones first, so a spammer rotating senders displaces other spammers' pending triplets before any
 remembered (proven) one. Expired entries are purged a few at a time on each write, never in one long pass.
@@ -32,6 +38,7 @@ to the client, only logged, truncated).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import math
 import re
@@ -39,13 +46,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config.checks import GreylistConfig
 from .api import Check, CheckContext, Verdict, tempfail
 from .netkeys import client_ip, in_networks, network_key, parse_networks
 
-__all__ = ["GreylistCheck", "GreylistStore", "MemoryGreylistStore", "Triplet", "normal_sender", "triplet_key"]
+__all__ = [
+    "GreylistCheck",
+    "GreylistStore",
+    "MemoryGreylistStore",
+    "RedisGreylistStore",
+    "Triplet",
+    "normal_sender",
+    "triplet_key",
+]
 
 log = logging.getLogger("mailhop.checks.greylist")
 
@@ -84,6 +99,10 @@ class GreylistStore(Protocol):
 
     async def add_network_pass(self, network: str, amount: int, expires: float, now: float) -> int:
         """Add ``amount`` (0: only keep it alive) to the network's count, keep it until ``expires``; the new count."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (at shutdown)."""
         ...
 
 
@@ -140,6 +159,9 @@ class MemoryGreylistStore:
             self._networks.popitem(last=False)
         return count
 
+    async def aclose(self) -> None:
+        return None
+
     def _purge(self, now: float) -> None:
         for table in (self._pending, self._passed, self._networks):
             for _ in range(self.PURGE_BUDGET):
@@ -149,6 +171,105 @@ class MemoryGreylistStore:
                 if item[1] > now:
                     break
                 del table[key]
+
+
+# Adds to a network's pass count atomically (two workers passing triplets of one network at once both count).
+# KEYS[1]: the network's key; ARGV: amount, expires, now, TTL in ms. The value is "count|expires".
+_ADD_NETWORK_PASS_LUA = """
+local count = 0
+local value = redis.call('GET', KEYS[1])
+if value then
+  local c, e = string.match(value, '^(%d+)|(.+)$')
+  if c and tonumber(e) > tonumber(ARGV[3]) then count = tonumber(c) end
+end
+count = count + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], count .. '|' .. ARGV[2], 'PX', ARGV[4])
+return count
+"""
+
+
+class RedisGreylistStore:
+    """Triplets and network counts in Redis (redis-py's asyncio client, imported only when this store is built:
+    redis is an optional dependency), shared by every process that uses the same server and prefix.
+
+    A value carries its own expiry time (the check's clock) and the key a Redis TTL a little past it, so an entry
+    is never returned after its expiry whatever the server's clock says, and Redis drops it soon after. Relays
+    sharing one Redis must keep NTP time, as for the rate limits. ``timeout`` bounds each command. Fail-open
+    (see the module docstring): on an error ``get`` reports the triplet as passed and ``network_passes`` 0.
+    """
+
+    WARN_EVERY = 60.0
+    TTL_SLACK = 60.0  # seconds the Redis TTL outlives an entry's own expiry (clock differences between hosts)
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mailhop:grey:",
+                 timeout: float = 1.0) -> None:
+        redis_asyncio = importlib.import_module("redis.asyncio")
+        exceptions = importlib.import_module("redis.exceptions")
+        self.prefix = prefix
+        self._client: Any = redis_asyncio.Redis.from_url(url, socket_timeout=timeout,
+                                                         socket_connect_timeout=timeout)
+        self._add_pass: Any = self._client.register_script(_ADD_NETWORK_PASS_LUA)
+        self._errors: tuple[type[BaseException], ...] = (exceptions.RedisError, OSError)
+        self._warned = -math.inf
+
+    def _ttl_ms(self, expires: float, now: float) -> int:
+        return max(1, math.ceil((expires - now + self.TTL_SLACK) * 1000))
+
+    async def get(self, key: str, now: float) -> Triplet | None:
+        try:
+            value = await self._client.get(f"{self.prefix}t:{key}")
+        except self._errors as exc:
+            self._warn(exc)
+            return Triplet(now, True)
+        if value is None:
+            return None
+        try:
+            first_seen, passed, expires = value.split(b"|")
+            if float(expires) <= now:
+                return None
+            return Triplet(float(first_seen), passed == b"1")
+        except ValueError:  # not ours (another program's key under our prefix): treat the triplet as new
+            return None
+
+    async def put(self, key: str, triplet: Triplet, expires: float, now: float) -> None:
+        value = f"{triplet.first_seen!r}|{int(triplet.passed)}|{expires!r}"
+        try:
+            await self._client.set(f"{self.prefix}t:{key}", value, px=self._ttl_ms(expires, now))
+        except self._errors as exc:
+            self._warn(exc)
+
+    async def network_passes(self, network: str, now: float) -> int:
+        try:
+            value = await self._client.get(f"{self.prefix}n:{network}")
+        except self._errors as exc:
+            self._warn(exc)
+            return 0
+        if value is None:
+            return 0
+        try:
+            count, expires = value.split(b"|")
+            return int(count) if float(expires) > now else 0
+        except ValueError:
+            return 0
+
+    async def add_network_pass(self, network: str, amount: int, expires: float, now: float) -> int:
+        try:
+            count = await self._add_pass(keys=[f"{self.prefix}n:{network}"],
+                                         args=[amount, repr(expires), repr(now), self._ttl_ms(expires, now)])
+        except self._errors as exc:
+            self._warn(exc)
+            return 0
+        return int(count)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned >= self.WARN_EVERY:
+            self._warned = now
+            log.warning("greylist: redis unavailable (%s: %s); mail is not greylisted until it is back",
+                        type(exc).__name__, exc)
 
 
 def normal_sender(sender: str) -> str:
@@ -176,6 +297,9 @@ class GreylistCheck(Check):
         self.store = store
         self.clock = clock  # wall clock by default: a persistent store's times must survive a restart
         self._skip = parse_networks(config.skip_networks, "checks.greylist.skip_networks")
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
     async def rcpt(self, ctx: CheckContext) -> Verdict | None:
         if ctx.authenticated or ctx.trusted or ctx.recipient is None:

@@ -83,9 +83,11 @@ class CheckRegistry:
 
             return DnsblCheck(c.dnsbl, self.resolver)
         if name == "greylist":
-            from .greylist import GreylistCheck, MemoryGreylistStore
+            from .greylist import GreylistCheck, GreylistStore, MemoryGreylistStore, RedisGreylistStore
 
-            return GreylistCheck(c.greylist, MemoryGreylistStore())
+            store: GreylistStore = (RedisGreylistStore(c.greylist.redis_url) if c.greylist.backend == "redis"
+                                    else MemoryGreylistStore())
+            return GreylistCheck(c.greylist, store)
         if name == "ratelimit":
             from .ratelimit import MemoryRateBackend, RateBackend, RateLimitCheck, RedisRateBackend
 

@@ -116,6 +116,12 @@ class GreylistConfig(_Section):
         5, ge=0, description="After this many passed triplets a client network skips greylisting (0: never)."
     )
     skip_networks: list[str] = Field(default_factory=list, description="Client networks (CIDR) never greylisted.")
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="Where triplets live: memory (this process, lost on restart) or redis (shared by every "
+        "worker and relay using redis_url, kept across restarts; if Redis is down, mail passes ungreylisted and a "
+        "warning is logged)."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for backend = \"redis\".")
 
     @field_validator("skip_networks")
     @classmethod

@@ -70,9 +70,21 @@ def render_reference() -> str:
             continue
         out.append(f"| `{name}` | {_default(field)} | {field.description} |")
     for name, field, model in sections:
-        is_list = getattr(field.annotation, "__origin__", None) is list
-        header = f"[[{name}]]" if is_list else f"[{name}]"
-        out += ["", f"## `{header}`", "", field.description or "", "", "| key | default | meaning |", "|---|---|---|"]
-        for key, sub in model.model_fields.items():
-            out.append(f"| `{key}` | {_default(sub)} | {sub.description} |")
+        out += _section(name, field, model)
     return "\n".join(out) + "\n"
+
+
+def _section(path: str, field: FieldInfo, model: type[BaseModel]) -> list[str]:
+    """One table's section, then a section for each table nested in it (``[checks.greylist]``, ...)."""
+    is_list = getattr(field.annotation, "__origin__", None) is list
+    header = f"[[{path}]]" if is_list else f"[{path}]"
+    out = ["", f"## `{header}`", "", field.description or "", "", "| key | default | meaning |", "|---|---|---|"]
+    nested = []
+    for key, sub in model.model_fields.items():
+        out.append(f"| `{key}` | {_default(sub)} | {sub.description} |")
+        sub_model = _section_model(sub)
+        if sub_model is not None:
+            nested.append((f"{path}.{key}", sub, sub_model))
+    for sub_path, sub, sub_model in nested:
+        out += _section(sub_path, sub, sub_model)
+    return out

@@ -436,9 +436,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _workers_share_nothing(self) -> Config:
-        if self.workers > 1 and self.checks.greylist.enabled:
-            raise ValueError("checks.greylist keeps its triplets in each worker's memory and a retry may reach "
-                             "another worker: use workers = 1 with greylisting")
+        if self.workers > 1 and self.checks.greylist.enabled and self.checks.greylist.backend == "memory":
+            raise ValueError("checks.greylist with backend = \"memory\" keeps its triplets in each worker's memory "
+                             "and a retry may reach another worker: set checks.greylist.backend = \"redis\" "
+                             "(shared by every worker), or use workers = 1")
         return self
 
     @model_validator(mode="after")
