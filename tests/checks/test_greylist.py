@@ -19,6 +19,7 @@ from mailhop.checks.greylist import (
     GreylistStore,
     MemoryGreylistStore,
     RedisGreylistStore,
+    StoreUnavailable,
     Triplet,
     normal_sender,
     triplet_key,
@@ -328,3 +329,71 @@ async def test_redis_down_fails_open(caplog: pytest.LogCaptureFixture) -> None:
         assert caplog.text.count("redis unavailable") == 1  # warned once, not once per attempt
     finally:
         await store.aclose()
+
+
+class _UnavailableStore(MemoryGreylistStore):
+    """A store whose reads fail as a shared store's do when its server is away (pure logic of the check)."""
+
+    def __init__(self, *, network_too: bool) -> None:
+        super().__init__()
+        self.network_too = network_too
+        self.writes: list[str] = []
+
+    async def get(self, key: str, now: float) -> Triplet | None:
+        raise StoreUnavailable("down")
+
+    async def network_passes(self, network: str, now: float) -> int:
+        if self.network_too:
+            raise StoreUnavailable("down")
+        return 0
+
+    async def put(self, key: str, triplet: Triplet, expires: float, now: float) -> None:
+        self.writes.append(key)
+
+    async def add_network_pass(self, network: str, amount: int, expires: float, now: float) -> int:
+        self.writes.append(network)
+        return 0
+
+
+@pytest.mark.parametrize("network_too", [False, True])
+async def test_an_unavailable_store_lets_mail_through_and_records_nothing(network_too: bool) -> None:
+    """Fail-open must not turn a read error into a remembered pass (which would skip greylisting for this triplet
+    for ``expire`` once the store is back)."""
+    store = _UnavailableStore(network_too=network_too)
+    rig = Rig(store=store, auto_allow_after=2)
+    assert await rig.rcpt() is None
+    assert store.writes == []
+
+
+async def test_a_hung_redis_costs_one_timeout_then_fails_fast(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts and never answers: the first RCPT waits for the store's timeout, the next ones (for
+    RETRY_AFTER) do not wait at all; all pass, none is recorded, one warning."""
+    pytest.importorskip("redis")
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep it open, say nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisGreylistStore(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+    try:
+        rig = Rig(store=store)
+        loop = asyncio.get_running_loop()
+        with caplog.at_level(logging.WARNING, logger="mailhop.checks.greylist"):
+            started = loop.time()
+            assert await rig.rcpt(rcpt="first@dest.test") is None
+            first = loop.time() - started
+            started = loop.time()
+            for n in range(5):
+                assert await rig.rcpt(rcpt=f"u{n}@dest.test") is None
+            rest = loop.time() - started
+        assert first >= 0.25 and rest < 0.1, (first, rest)
+        assert accepted  # it did try the server
+        assert caplog.text.count("redis unavailable") == 1
+    finally:
+        await store.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

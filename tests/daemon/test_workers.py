@@ -135,6 +135,7 @@ def test_greylisting_in_redis_works_across_workers(tmp_path: Path) -> None:
     with chance 2**-24)."""
     redis_or_skip()
     run = uuid.uuid4().hex[:12]  # the triplets are new to the shared Redis on every run of this test
+    url = REDIS_URL.rsplit("/", 1)[0] + "/15"  # a database of its own, not production's keys in database 0
     extra = textwrap.dedent(f"""
     [checks.greylist]
     enabled = true
@@ -143,7 +144,7 @@ def test_greylisting_in_redis_works_across_workers(tmp_path: Path) -> None:
     expire = 60
     auto_allow_after = 0
     backend = "redis"
-    redis_url = "{REDIS_URL}"
+    redis_url = "{url}"
     """)
     with run_relay(tmp_path, top=TWO, extra=extra, trusted='["127.0.0.1/32"]') as relay:
         wait_log(relay, r"ready listeners=\S+ spool=\S+ worker=\d", 2)
@@ -165,6 +166,12 @@ def test_greylisting_in_redis_works_across_workers(tmp_path: Path) -> None:
         retries = [attempt(n) for n in range(24)]
         assert all(r.startswith("250") for r in retries), retries
     assert len(re.findall(r"greylist: passed after", relay.log())) == 24
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match="mailhop:grey:*"))
+        if keys:
+            client.delete(*keys)
 
 
 def test_every_worker_delivers_what_it_accepted(tmp_path: Path) -> None:

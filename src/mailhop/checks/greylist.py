@@ -23,8 +23,10 @@ retry, therefore fail while their triplet is new; that is their caller's problem
 Stores: ``MemoryGreylistStore`` lives in the process (one worker; state is lost on restart); ``RedisGreylistStore``
 keeps triplets in Redis, shared by every worker and every relay that uses it (a client's retry often reaches a
 different process or host than its first attempt) and kept across restarts. When Redis is down or errs, the Redis
-store fails open: triplets count as passed, so mail flows ungreylisted, and a warning is logged at most once a
-minute. Greylisting is a spam heuristic; stopping all mail because its store is down would be the worse outage.
+store raises ``StoreUnavailable`` and the check lets the recipient through without writing anything (fail-open:
+greylisting is a spam heuristic, and stopping all mail because its store is down would be the worse outage); a
+warning is logged at most once a minute, and for ``RedisGreylistStore.RETRY_AFTER`` seconds after an error the
+store fails at once instead of making every RCPT wait for Redis's timeout again.
 
 Memory: ``MemoryGreylistStore`` keeps at most ``max_entries`` triplets and ``max_entries`` networks, dropping the
 oldest pending ones first, so a spammer rotating senders displaces other spammers' pending triplets before any
@@ -37,6 +39,7 @@ to the client, only logged, truncated).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -57,6 +60,7 @@ __all__ = [
     "GreylistStore",
     "MemoryGreylistStore",
     "RedisGreylistStore",
+    "StoreUnavailable",
     "Triplet",
     "normal_sender",
     "triplet_key",
@@ -76,13 +80,19 @@ class Triplet:
     passed: bool  # retried in time and accepted since
 
 
+class StoreUnavailable(Exception):
+    """A shared store cannot answer now (its server is down or slow): the check lets mail through unrecorded."""
+
+
 class GreylistStore(Protocol):
     """Where greylisting state lives. The check owns the logic and the clock; a store only remembers.
 
     Contract: ``get`` never returns an entry whose ``expires`` (as given to the last ``put``) is <= ``now``. An
     entry may vanish earlier (eviction under memory pressure); the check then treats the triplet as new, which
-    only costs that client one more delay. Methods must not raise for any key; keys are short ASCII strings.
-    Races between concurrent sessions are tolerable (two firsts for one triplet both get a 451).
+    only costs that client one more delay. ``get`` and ``network_passes`` raise ``StoreUnavailable`` when the
+    store cannot answer, and nothing else; the writes never raise (a lost write costs a client one more delay).
+    Keys are short ASCII strings. Races between concurrent sessions are tolerable (two firsts for one triplet
+    both get a 451).
     """
 
     async def get(self, key: str, now: float) -> Triplet | None:
@@ -180,7 +190,8 @@ local count = 0
 local value = redis.call('GET', KEYS[1])
 if value then
   local c, e = string.match(value, '^(%d+)|(.+)$')
-  if c and tonumber(e) > tonumber(ARGV[3]) then count = tonumber(c) end
+  local expires = tonumber(e)
+  if c and expires and expires > tonumber(ARGV[3]) then count = tonumber(c) end
 end
 count = count + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], count .. '|' .. ARGV[2], 'PX', ARGV[4])
@@ -195,10 +206,18 @@ class RedisGreylistStore:
     A value carries its own expiry time (the check's clock) and the key a Redis TTL a little past it, so an entry
     is never returned after its expiry whatever the server's clock says, and Redis drops it soon after. Relays
     sharing one Redis must keep NTP time, as for the rate limits. ``timeout`` bounds each command. Fail-open
-    (see the module docstring): on an error ``get`` reports the triplet as passed and ``network_passes`` 0.
+    (see the module docstring): the reads raise ``StoreUnavailable`` on an error, and for ``RETRY_AFTER`` seconds
+    after one every call fails at once without asking Redis, so a hung server costs one RCPT one timeout, not
+    every RCPT several.
+
+    Sizing: every new triplet is a key for ``delay + retry_window`` (a day by default), so a spammer rotating
+    senders makes many. Give Redis a ``maxmemory`` with ``maxmemory-policy volatile-ttl`` (every key here has a
+    TTL; the ones closest to expiring go first), or writes fail once it is full and mail goes ungreylisted.
+    "Kept across restarts" holds as far as Redis's own persistence (RDB or AOF) is on.
     """
 
     WARN_EVERY = 60.0
+    RETRY_AFTER = 5.0  # seconds after an error during which calls fail at once
     TTL_SLACK = 60.0  # seconds the Redis TTL outlives an entry's own expiry (clock differences between hosts)
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mailhop:grey:",
@@ -211,16 +230,24 @@ class RedisGreylistStore:
         self._add_pass: Any = self._client.register_script(_ADD_NETWORK_PASS_LUA)
         self._errors: tuple[type[BaseException], ...] = (exceptions.RedisError, OSError)
         self._warned = -math.inf
+        self._down_until = -math.inf  # time.monotonic() until which calls fail without asking Redis
 
     def _ttl_ms(self, expires: float, now: float) -> int:
         return max(1, math.ceil((expires - now + self.TTL_SLACK) * 1000))
 
-    async def get(self, key: str, now: float) -> Triplet | None:
+    async def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
+        """One Redis command, or StoreUnavailable (at once while a recent error says Redis is down)."""
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("redis unavailable (recent error)")
         try:
-            value = await self._client.get(f"{self.prefix}t:{key}")
+            return await command(*args, **kwargs)
         except self._errors as exc:
+            self._down_until = time.monotonic() + self.RETRY_AFTER
             self._warn(exc)
-            return Triplet(now, True)
+            raise StoreUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
+
+    async def get(self, key: str, now: float) -> Triplet | None:
+        value = await self._call(self._client.get, f"{self.prefix}t:{key}")
         if value is None:
             return None
         try:
@@ -233,17 +260,11 @@ class RedisGreylistStore:
 
     async def put(self, key: str, triplet: Triplet, expires: float, now: float) -> None:
         value = f"{triplet.first_seen!r}|{int(triplet.passed)}|{expires!r}"
-        try:
-            await self._client.set(f"{self.prefix}t:{key}", value, px=self._ttl_ms(expires, now))
-        except self._errors as exc:
-            self._warn(exc)
+        with contextlib.suppress(StoreUnavailable):
+            await self._call(self._client.set, f"{self.prefix}t:{key}", value, px=self._ttl_ms(expires, now))
 
     async def network_passes(self, network: str, now: float) -> int:
-        try:
-            value = await self._client.get(f"{self.prefix}n:{network}")
-        except self._errors as exc:
-            self._warn(exc)
-            return 0
+        value = await self._call(self._client.get, f"{self.prefix}n:{network}")
         if value is None:
             return 0
         try:
@@ -254,10 +275,9 @@ class RedisGreylistStore:
 
     async def add_network_pass(self, network: str, amount: int, expires: float, now: float) -> int:
         try:
-            count = await self._add_pass(keys=[f"{self.prefix}n:{network}"],
-                                         args=[amount, repr(expires), repr(now), self._ttl_ms(expires, now)])
-        except self._errors as exc:
-            self._warn(exc)
+            count = await self._call(self._add_pass, keys=[f"{self.prefix}n:{network}"],
+                                     args=[amount, repr(expires), repr(now), self._ttl_ms(expires, now)])
+        except StoreUnavailable:
             return 0
         return int(count)
 
@@ -304,6 +324,12 @@ class GreylistCheck(Check):
     async def rcpt(self, ctx: CheckContext) -> Verdict | None:
         if ctx.authenticated or ctx.trusted or ctx.recipient is None:
             return None
+        try:
+            return await self._rcpt(ctx, ctx.recipient)
+        except StoreUnavailable:
+            return None  # fail-open, and nothing written: the store warned already
+
+    async def _rcpt(self, ctx: CheckContext, recipient: str) -> Verdict | None:
         ip = client_ip(ctx.client_ip)
         if ip is None:
             log.warning("greylist: client address %r is not an IP address; not greylisted", ctx.client_ip[:64])
@@ -317,7 +343,7 @@ class GreylistCheck(Check):
         if cfg.auto_allow_after > 0 and await self.store.network_passes(network, now) >= cfg.auto_allow_after:
             await self.store.add_network_pass(network, 0, now + cfg.expire, now)
             return None
-        key = triplet_key(network, ctx.sender or "", ctx.recipient)
+        key = triplet_key(network, ctx.sender or "", recipient)
         known = await self.store.get(key, now)
         if known is not None and known.passed:
             await self.store.put(key, Triplet(now, True), now + cfg.expire, now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from ..dns import Resolver
 
 __all__ = ["CheckError", "CheckRegistry", "load_callable"]
+
+log = logging.getLogger("mailhop.checks")
 
 
 class CheckError(ValueError):
@@ -109,8 +112,12 @@ class CheckRegistry:
         raise CheckError(f"no check named {name!r}")
 
     async def aclose(self) -> None:
+        """Close every check built; one that fails to close is logged and does not keep the others open."""
         for check in self._built.values():
-            await check.aclose()
+            try:
+                await check.aclose()
+            except Exception:
+                log.exception("closing check %s failed", check.name)
 
 
 def _custom(cc: CustomCheckConfig) -> Check:

@@ -107,6 +107,15 @@ class DnsblConfig(_Section):
     cache_ttl: float = Field(300.0, ge=0, description="Seconds a client's score is remembered.")
 
 
+_REDIS_URL = re.compile(r"^(rediss?://[^/\s]+(/\d+)?|unix://\S+)$")
+
+
+def _redis_url(value: str) -> str:
+    if not _REDIS_URL.match(value):
+        raise ValueError(f"{value!r} is not a Redis URL, e.g. \"redis://127.0.0.1:6379/0\" (or rediss://, unix://)")
+    return value
+
+
 class GreylistConfig(_Section):
     enabled: bool = Field(False, description="Greylist (client /24 or /64, sender, recipient) triplets.")
     delay: float = Field(300.0, ge=0, description="Seconds a new triplet is refused with 451 4.7.1.")
@@ -122,6 +131,8 @@ class GreylistConfig(_Section):
         "warning is logged)."
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for backend = \"redis\".")
+
+    _check_redis_url = field_validator("redis_url")(_redis_url)
 
     @field_validator("skip_networks")
     @classmethod
@@ -151,6 +162,7 @@ class RateLimitConfig(_Section):
         "redis_url; if Redis is down, limits are not enforced and a warning is logged)."
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for backend = \"redis\".")
+    _check_redis_url = field_validator("redis_url")(_redis_url)
     exempt_authenticated: bool = Field(False, description="Authenticated users skip these limits (they have "
                                        "their own per-user limits).")
     rules: list[RateRuleConfig] = Field(default_factory=list, description="One [[checks.ratelimit.rules]] per limit.")
