@@ -169,3 +169,21 @@ def test_table_row_shows_median_rates_ratio_and_machine_cpu() -> None:
     )
     assert table_row(shape, results[:3], ["mailhop"]) == "| accept 5 KB, 20 sessions | 2000 | not run | - | 550 / - |"
     assert render_table([(shape, results)], ["mailhop", "postfix"]).splitlines()[1] == "|---|---:|---:|---:|---:|"
+
+
+@pytest.mark.timeout(120)
+def test_stepprobe_times_every_step_beside_a_load_while_relaying() -> None:
+    for program in ("smtp-source", "smtp-sink"):
+        require_program(program)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.stepprobe", "--seconds", "1", "--load", "2", "--size", "1024", "--relay"],
+        cwd=REPO, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert re.search(r"^mailhop relay, workers = 1, 1024-byte messages, probe beside smtp-source -s 2: "
+                     r"[1-9]\d* probe messages", proc.stdout, re.MULTILINE), output
+    for step in ("connect", "greeting", "EHLO", "MAIL", "RCPT", "DATA", "end of data", "QUIT"):
+        assert re.search(rf"^\| {step} \| \d+\.\d\d \| \d+\.\d\d \|$", proc.stdout, re.MULTILINE), output
+    assert re.search(r"^machine: \d\.\d\d of \d+ cores busy$", proc.stdout, re.MULTILINE), output
+    assert re.search(r"^  mailhop thread \d+/\d+: \d\.\d\d cores$", proc.stdout, re.MULTILINE), output
