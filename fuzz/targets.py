@@ -63,7 +63,7 @@ class Bytes:
         self.pos += 1
         return self.data[self.pos - 1]
 
-    def int(self, lo: int, hi: int) -> int:
+    def number(self, lo: int, hi: int) -> int:
         """An integer in [lo, hi] from up to 4 bytes."""
         span = hi - lo + 1
         n = 0
@@ -236,8 +236,8 @@ def target_server(data: bytes) -> None:
 def target_data(data: bytes) -> None:
     """``DataDecoder`` driven as the server drives it: a growing buffer, reads split anywhere."""
     b = Bytes(data)
-    max_line = b.int(3, 1100)
-    max_size = b.int(1, 1 << 16)
+    max_line = b.number(3, 1100)
+    max_size = b.number(1, 1 << 16)
     cuts = b.byte() % 33
     payload = b.rest()
     dec = DataDecoder(max_line, max_size)
@@ -278,10 +278,10 @@ def target_data(data: bytes) -> None:
 def target_bdat(data: bytes) -> None:
     """``BdatDecoder`` over chunks whose sizes come from the input."""
     b = Bytes(data)
-    max_line = b.int(3, 1100)
-    max_size = b.int(1, 1 << 16)
+    max_line = b.number(3, 1100)
+    max_size = b.number(1, 1 << 16)
     cuts = b.byte() % 33
-    sizes = [b.int(0, 300) for _ in range(b.byte() % 6 + 1)]
+    sizes = [b.number(0, 300) for _ in range(b.byte() % 6 + 1)]
     payload = b.rest()
     dec = BdatDecoder(max_line, max_size)
     reads = b.chunks(payload, cuts)
@@ -323,8 +323,8 @@ def target_reply(data: bytes) -> None:
     """``ReplyParser.feed`` on server bytes (ReplyError documented), then ``parse_ehlo`` on 250 replies."""
     b = Bytes(data)
     small = b.flag()
-    max_line = b.int(4, 80) if small else 2048
-    max_lines = b.int(1, 8) if small else 100
+    max_line = b.number(4, 80) if small else 2048
+    max_lines = b.number(1, 8) if small else 100
     cuts = b.byte() % 33
     parser = ReplyParser(max_line=max_line, max_lines=max_lines)
     for chunk in b.chunks(b.rest(), cuts):
@@ -384,9 +384,9 @@ def _value(b: Bytes) -> object:
     if kind == 0:
         return None
     if kind == 1:
-        return b.int(-(1 << 63), (1 << 63) - 1)
+        return b.number(-(1 << 63), (1 << 63) - 1)
     if kind == 2:
-        return b.int(0, 10**10)
+        return b.number(0, 10**10)
     if kind == 3:
         return (math.nan, math.inf, -math.inf, 0.0, -1.5, 1e300, 1.7e9)[b.byte() % 7]
     if kind == 4:
@@ -401,7 +401,7 @@ def target_queue_row(data: bytes) -> None:
     b = Bytes(data)
     row = [_value(b) for _ in range(N_MESSAGE_COLUMNS)]
     if b.flag():  # params as free JSON-ish text
-        row[2] = b.take(b.int(0, 4096)).decode("utf-8", "replace")
+        row[2] = b.take(b.number(0, 4096)).decode("utf-8", "replace")
     rcpt_rows = [tuple(_value(b) for _ in range(11)) for _ in range(b.byte() % 4)]
     message, problems = decode_message(tuple(row), rcpt_rows)
     assert isinstance(message, QueuedMessage)

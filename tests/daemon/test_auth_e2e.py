@@ -70,7 +70,8 @@ def auth_relay(tmp_path: Path, sender_key: tuple[bytes, str]) -> Iterator[tuple[
 def signed_message(pem: bytes, subject: str, from_domain: str = "sender.test") -> str:
     msg = (f"From: <news@{from_domain}>\r\nTo: <user@example.test>\r\nSubject: {subject}\r\n"
            "Message-ID: <m1@sender.test>\r\n\r\nHello there.\r\n").encode()
-    sig = dkim.sign(msg, SELECTOR.encode(), from_domain.encode(), pem, include_headers=[b"from", b"to", b"subject"])
+    sig: bytes = dkim.sign(msg, SELECTOR.encode(), from_domain.encode(), pem,
+                           include_headers=[b"from", b"to", b"subject"])
     return (sig + msg).decode()
 
 

@@ -176,6 +176,7 @@ def dsn_fields(data: bytes) -> tuple[Message, list[Message]]:
     parts = msg.get_payload()
     assert isinstance(parts, list)
     status = parts[1]
+    assert isinstance(status, Message)
     blocks = status.get_payload()
-    assert isinstance(blocks, list)
-    return msg, blocks[1:]
+    assert isinstance(blocks, list) and all(isinstance(block, Message) for block in blocks)
+    return msg, [block for block in blocks[1:] if isinstance(block, Message)]

@@ -11,10 +11,11 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
+from mailhop.queue.model import QueuedMessage
 from mailhop.queue.schedule import RetryPolicy
 from tests.support.receiver import Receiver
 
@@ -348,11 +349,11 @@ class _Counting:
         self.open_body = 0
         real_due, real_open = r.queue.due, r.queue.open_body
 
-        async def due(**kw: object) -> object:
+        async def due(**kw: Any) -> list[QueuedMessage]:
             self.due += 1
-            return await real_due(**kw)  # type: ignore[arg-type]
+            return await real_due(**kw)
 
-        async def open_body(queue_id: str) -> object:
+        async def open_body(queue_id: str) -> BinaryIO:
             self.open_body += 1
             return await real_open(queue_id)
 

@@ -347,9 +347,9 @@ async def test_delivery_records_are_synced_lazily_and_then_for_sure(q: SqliteQue
     await wait_for(lambda: committer.lazy_syncs == 1, within=10 * commit.LAZY_SYNC_DELAY + 1)
     assert await on_writer(q, lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
     # An accept right after a record is a synchronous commit whose fsync covers the record: no extra sync.
-    m = await q.get(qid)
-    assert m is not None
-    assert await q.record(qid, [mark_failed(m.recipients[1], "550 no", now=clock.now)]) is True
+    again = await q.get(qid)
+    assert again is not None
+    assert await q.record(qid, [mark_failed(again.recipients[1], "550 no", now=clock.now)]) is True
     await queue_message(q)
     assert committer.lazy_commits == 2
     await asyncio.sleep(3 * commit.LAZY_SYNC_DELAY)

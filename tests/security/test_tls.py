@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from tests.daemon.harness import Relay, run_relay
+from tests.support.certs import dns_names
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ class Raw:
         """The DNS name in the certificate the server presented."""
         assert isinstance(self.sock, ssl.SSLSocket)
         cert = self.sock.getpeercert()
-        return next(v for k, v in cert["subjectAltName"] if k == "DNS")
+        return dns_names(cert)[0]
 
 
 def test_starttls_advertised_and_works(tls_relay: Relay, ca: trustme.CA) -> None:

@@ -17,6 +17,7 @@ from mailhop.smtp import (
     Event,
     Limits,
     Mail,
+    NeedData,
     Quit,
     Rcpt,
     ServerConnection,
@@ -76,7 +77,7 @@ class Harness:
             event = self.conn.next_event()
             if event is NEED_DATA:
                 return
-            assert not isinstance(event, type(NEED_DATA))
+            assert not isinstance(event, NeedData)
             self.events.append(event)
             if isinstance(event, ConnectionClosed):
                 self.closed = event

@@ -111,7 +111,7 @@ def test_auth_not_advertised_before_tls() -> None:
 
 def test_auth_advertised_with_implicit_tls_or_plaintext_ok() -> None:
     for kwargs in ({"tls": True}, {"tls": False, "plaintext_ok": True}):
-        h, _ = auth_harness(greet=None, mechanisms=("PLAIN",), **kwargs)  # type: ignore[arg-type]
+        h, _ = auth_harness(greet=None, mechanisms=("PLAIN",), **kwargs)
         assert b"AUTH PLAIN\r\n" in h.feed(EHLO)
 
 

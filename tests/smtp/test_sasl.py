@@ -241,8 +241,9 @@ def test_scram_unknown_user_fails_after_full_exchange() -> None:
     assert isinstance(first[1], Challenge) and isinstance(first[-1], Failure) and len(first) == 3
     # The fake salt is stable per user name, so probing twice does not reveal that the user is unknown.
     again = run_scram(ScramClient("ghost", "boo"), None)
-    salt = [dict(kv.split("=", 1) for kv in s.data.decode().split(","))["s"]  # type: ignore[union-attr]
-            for s in (first[1], again[1])]
+    challenges = [c for c in (first[1], again[1]) if isinstance(c, Challenge)]
+    salt = [dict(kv.split("=", 1) for kv in c.data.decode().split(","))["s"] for c in challenges]
+    assert len(challenges) == 2
     assert salt[0] == salt[1]
 
 

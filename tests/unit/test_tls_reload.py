@@ -11,6 +11,7 @@ from pathlib import Path
 import trustme
 
 from mailhop.server.tls import TlsContexts
+from tests.support.certs import dns_names
 
 
 def _write(ca: trustme.CA, name: str, d: Path) -> tuple[Path, Path]:
@@ -44,8 +45,7 @@ def _served_name(ctx: ssl.SSLContext, ca: trustme.CA) -> str:
         s.sendall(b"x")
     t.join(5)
     srv.close()
-    sans = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
-    return sans[0]
+    return dns_names(cert)[0]
 
 
 def test_reload_serves_new_certificate_and_keeps_old_on_error(tmp_path: Path) -> None:

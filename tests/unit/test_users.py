@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,14 +279,15 @@ def test_store_crud(store: UserStore) -> None:
 
 
 def test_store_rejects_bad_input(store: UserStore) -> None:
-    for call in (
+    calls: tuple[Callable[[], object], ...] = (
         lambda: store.add("a b", "pw"),
         lambda: store.add("ok", ""),
         lambda: store.add("ok", "pw", ["not an address"]),
         lambda: store.add("ok", "pw", "alice@example.org"),  # a str, not a list
         lambda: store.add("ok", "pw", max_messages_per_hour=0),
         lambda: store.add("ok", "pw", max_recipients_per_message=-1),
-    ):
+    )
+    for call in calls:
         with pytest.raises(ValueError):
             call()
     assert store.list() == []
