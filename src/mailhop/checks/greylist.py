@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import logging
 import math
 import re
@@ -54,6 +53,7 @@ from typing import Any, Protocol
 from ..config.checks import GreylistConfig
 from .api import Check, CheckContext, Verdict, tempfail
 from .netkeys import client_ip, in_networks, network_key, parse_networks
+from .redisconn import RedisConnection
 
 __all__ = [
     "GreylistCheck",
@@ -216,20 +216,15 @@ class RedisGreylistStore:
     "Kept across restarts" holds as far as Redis's own persistence (RDB or AOF) is on.
     """
 
-    WARN_EVERY = 60.0
     RETRY_AFTER = 5.0  # seconds after an error during which calls fail at once
     TTL_SLACK = 60.0  # seconds the Redis TTL outlives an entry's own expiry (clock differences between hosts)
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mailhop:grey:",
                  timeout: float = 1.0) -> None:
-        redis_asyncio = importlib.import_module("redis.asyncio")
-        exceptions = importlib.import_module("redis.exceptions")
         self.prefix = prefix
-        self._client: Any = redis_asyncio.Redis.from_url(url, socket_timeout=timeout,
-                                                         socket_connect_timeout=timeout)
-        self._add_pass: Any = self._client.register_script(_ADD_NETWORK_PASS_LUA)
-        self._errors: tuple[type[BaseException], ...] = (exceptions.RedisError, OSError)
-        self._warned = -math.inf
+        self._redis = RedisConnection(url, timeout=timeout, log=log, consequence="mail is not greylisted")
+        self._client = self._redis.client
+        self._add_pass: Any = self._redis.script(_ADD_NETWORK_PASS_LUA)
         self._down_until = -math.inf  # time.monotonic() until which calls fail without asking Redis
 
     def _ttl_ms(self, expires: float, now: float) -> int:
@@ -241,9 +236,9 @@ class RedisGreylistStore:
             raise StoreUnavailable("redis unavailable (recent error)")
         try:
             return await command(*args, **kwargs)
-        except self._errors as exc:
+        except self._redis.errors as exc:
             self._down_until = time.monotonic() + self.RETRY_AFTER
-            self._warn(exc)
+            self._redis.warn(exc)
             raise StoreUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
 
     async def get(self, key: str, now: float) -> Triplet | None:
@@ -282,14 +277,7 @@ class RedisGreylistStore:
         return int(count)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _warn(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._warned >= self.WARN_EVERY:
-            self._warned = now
-            log.warning("greylist: redis unavailable (%s: %s); mail is not greylisted until it is back",
-                        type(exc).__name__, exc)
+        await self._redis.aclose()
 
 
 def normal_sender(sender: str) -> str:

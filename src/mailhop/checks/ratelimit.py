@@ -36,7 +36,6 @@ backend state is bounded: LRU in memory, a two-window expiry in Redis).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
@@ -48,6 +47,7 @@ from typing import Any, Protocol
 from ..config.checks import RateLimitConfig, RateRuleConfig
 from .api import Check, CheckContext, Verdict, tempfail
 from .netkeys import RATE_V4_PREFIX, network_key
+from .redisconn import RedisConnection
 
 __all__ = [
     "MemoryRateBackend",
@@ -190,20 +190,13 @@ class RedisRateBackend:
     mail. ``timeout`` bounds each command, so a hung server delays a session by at most that much.
     """
 
-    WARN_EVERY = 60.0
-
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mailhop:rate:",
                  timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        redis_asyncio = importlib.import_module("redis.asyncio")
-        exceptions = importlib.import_module("redis.exceptions")
         self.prefix = prefix
         self.clock = clock
-        self._client: Any = redis_asyncio.Redis.from_url(url, socket_timeout=timeout,
-                                                         socket_connect_timeout=timeout)
-        self._hit: Any = self._client.register_script(_HIT_LUA)
-        self._refund: Any = self._client.register_script(_REFUND_LUA)
-        self._errors: tuple[type[BaseException], ...] = (exceptions.RedisError, OSError)
-        self._warned = -math.inf
+        self._redis = RedisConnection(url, timeout=timeout, log=log, consequence="limits are not enforced")
+        self._hit: Any = self._redis.script(_HIT_LUA)
+        self._refund: Any = self._redis.script(_REFUND_LUA)
 
     def _key(self, key: str, window: float, index: int) -> str:
         return f"{self.prefix}{{{key}|{window:g}}}:{index}"
@@ -217,8 +210,8 @@ class RedisRateBackend:
                 keys=[self._key(key, window, index), self._key(key, window, index - 1)],
                 args=[repr(elapsed), repr(float(window)), limit, amount],
             )
-        except self._errors as exc:
-            self._warn(exc)
+        except self._redis.errors as exc:
+            self._redis.warn(exc)
             return RateDecision(True)
         if allowed:
             return RateDecision(True)
@@ -228,18 +221,11 @@ class RedisRateBackend:
         index = math.floor(self.clock() / window)
         try:
             await self._refund(keys=[self._key(key, window, index)], args=[amount])
-        except self._errors as exc:
-            self._warn(exc)
+        except self._redis.errors as exc:
+            self._redis.warn(exc)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _warn(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._warned >= self.WARN_EVERY:
-            self._warned = now
-            log.warning("ratelimit: redis unavailable (%s: %s); limits are not enforced until it is back",
-                        type(exc).__name__, exc)
+        await self._redis.aclose()
 
 
 @dataclass(frozen=True, slots=True)
