@@ -103,6 +103,8 @@ def config_toml(
               if os.environ.get("MAILHOP_BENCH_INLINE_MAX") else []),
             *([f"page_size = {int(os.environ['MAILHOP_BENCH_PAGE_SIZE'])}"]
               if os.environ.get("MAILHOP_BENCH_PAGE_SIZE") else []),
+            *([f"segment_min = {int(os.environ['MAILHOP_BENCH_SEGMENT_MIN'])}"]
+              if os.environ.get("MAILHOP_BENCH_SEGMENT_MIN") else []),
             "",
             *delivery,
             "",

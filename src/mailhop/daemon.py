@@ -82,7 +82,7 @@ class Daemon:
         self.config = config
         lim = config.limits
         self.queue = SqliteQueue(config.queue.path, inline_max=config.queue.inline_body_max,
-                                 page_size=config.queue.page_size)
+                                 page_size=config.queue.page_size, segment_min=config.queue.segment_min)
         self.relay = RelayPolicy(config.relay.trusted_networks, config.relay.domains)
         self.tls = TlsContexts()
         # The one resolver: policy checks and delivery share its cache and its nameserver configuration.

@@ -3,6 +3,7 @@
 Requests arrive on a ``queue.SimpleQueue``. The thread blocks for the first one, then drains every other
 request already waiting (it never sleeps to gather more), and handles them all in one transaction::
 
+    append the batch's segment bodies to the current segment; fdatasync it    -- only when segments are on
     BEGIN IMMEDIATE
     executemany(INSERT messages) ; executemany(INSERT bodies) ; executemany(INSERT recipients)
     each admin operation, inside its own SAVEPOINT
@@ -58,6 +59,8 @@ from typing import Any
 from ..errors import QueueError, QueueFullError
 from .faults import crash_point
 from .health import SpoolHealth
+from .rows import BODY_PATH_PARAM
+from .segments import SegmentStore
 from .spool import BodyWriter, queue_error_from_os
 
 __all__ = ["AcceptRequest", "GroupCommitter", "OpRequest", "queue_error_from_exception"]
@@ -88,6 +91,8 @@ class AcceptRequest:
     body_row: tuple[str, Any] | None  # (id, inline body) or None when the body is a file
     recipient_rows: list[tuple[Any, ...]]
     body: BodyWriter
+    # A body for a segment (segments.py): appended and synced by the writer, which puts its reference in the row.
+    segment_body: bytes | bytearray | None = None
 
 
 @dataclass(slots=True)
@@ -131,8 +136,10 @@ class GroupCommitter:
     """The single writer. ``submit`` from any thread; ``start``/``stop`` from the owner."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection], conn: sqlite3.Connection,
-                 insert_sql: tuple[str, str, str], health: SpoolHealth | None = None) -> None:
+                 insert_sql: tuple[str, str, str], health: SpoolHealth | None = None,
+                 segments: SegmentStore | None = None) -> None:
         self._connect = connect
+        self._segments = segments
         self._health = health if health is not None else SpoolHealth()
         self._conn = conn
         self._insert_message, self._insert_body, self._insert_recipient = insert_sql
@@ -169,6 +176,8 @@ class GroupCommitter:
             self._requests.put(None)
         if self._thread.is_alive():
             self._thread.join()
+        if self._segments is not None:
+            self._segments.close()
         self._conn.close()
 
     # --- writer thread ---------------------------------------------------------------------------------
@@ -250,9 +259,19 @@ class GroupCommitter:
         lazy = not accepts and all(op.lazy_sync for op in ops)
         try:
             self._set_synchronous(full=not lazy)
+            message_rows = [a.message_row for a in accepts]
+            to_segment = [i for i, a in enumerate(accepts) if a.segment_body is not None]
+            if to_segment:
+                # Synced before the COMMIT that makes any row name them (segments.py, "Durability").
+                assert self._segments is not None
+                segment_bodies = [accepts[i].segment_body for i in to_segment]
+                refs = self._segments.append([b for b in segment_bodies if b is not None])
+                for i, ref in zip(to_segment, refs, strict=True):
+                    row = message_rows[i]
+                    message_rows[i] = (*row[:BODY_PATH_PARAM], ref, *row[BODY_PATH_PARAM + 1:])
             conn.execute("BEGIN IMMEDIATE")
             if accepts:
-                conn.executemany(self._insert_message, [a.message_row for a in accepts])
+                conn.executemany(self._insert_message, message_rows)
                 bodies = [a.body_row for a in accepts if a.body_row is not None]
                 if bodies:
                     conn.executemany(self._insert_body, bodies)

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import QueueError
 from .ids import is_queue_id
 from .rows import MESSAGE_COLUMNS, N_MESSAGE_COLUMNS, RECIPIENT_COLUMNS, decode_message
+from .segments import SegmentStore, is_segment_ref
 from .spool import Spool
 
 __all__ = ["lock_holder", "recover", "take_lock"]
@@ -25,8 +26,9 @@ __all__ = ["lock_holder", "recover", "take_lock"]
 log = logging.getLogger("mailhop.queue")
 
 
-def recover(conn: sqlite3.Connection, spool: Spool) -> None:
+def recover(conn: sqlite3.Connection, spool: Spool, segments: SegmentStore | None = None) -> None:
     """Daemon start, under the spool lock: drop unacknowledged bodies, quarantine corrupt messages."""
+    segments = segments if segments is not None else SegmentStore(spool.root)
     referenced = {
         row[0] for row in conn.execute("SELECT body_path FROM messages WHERE body_path IS NOT NULL")
     }
@@ -37,6 +39,17 @@ def recover(conn: sqlite3.Connection, spool: Spool) -> None:
             orphans += 1
     if orphans:
         log.info("queue recovery: removed %d body files of messages never committed", orphans)
+    # No segment is being written yet: one that no row names holds only bodies of messages gone or never
+    # committed.
+    used = {
+        row[0] for row in conn.execute(
+            "SELECT DISTINCT substr(body_path, 5, 10) FROM messages WHERE body_path >= 'seg:' AND body_path < 'seg;'")
+    }
+    unused = [name for name in segments.names() if name not in used]
+    for name in unused:
+        Spool.remove(segments.dir / name)
+    if unused:
+        log.info("queue recovery: removed %d body segments no message uses", len(unused))
 
     corrupt: list[tuple[str, str]] = []
     messages = conn.execute(
@@ -65,7 +78,7 @@ def recover(conn: sqlite3.Connection, spool: Spool) -> None:
                     rows = pending[1]
                     pending = None
                 break
-            reason = _check_message(spool, row, rows)
+            reason = _check_message(spool, segments, row, rows)
             if reason and not (row[5] == 1 and str(row[6]).startswith("corrupt:")):
                 corrupt.append((qid, reason))
     finally:
@@ -80,7 +93,8 @@ def recover(conn: sqlite3.Connection, spool: Spool) -> None:
             log.error("queue recovery: message %s quarantined (held): %s", qid, reason)
 
 
-def _check_message(spool: Spool, row: tuple[Any, ...], rcpt_rows: list[tuple[Any, ...]]) -> str:
+def _check_message(spool: Spool, segments: SegmentStore, row: tuple[Any, ...],
+                   rcpt_rows: list[tuple[Any, ...]]) -> str:
     try:
         message, problems = decode_message(row[:N_MESSAGE_COLUMNS], rcpt_rows)
         body_path, has_inline = row[N_MESSAGE_COLUMNS], row[N_MESSAGE_COLUMNS + 1]
@@ -88,6 +102,12 @@ def _check_message(spool: Spool, row: tuple[Any, ...], rcpt_rows: list[tuple[Any
         if body_path is None:
             if not has_inline:
                 problems.append("inline body missing")
+        elif is_segment_ref(body_path):
+            problem = segments.check(body_path)
+            if problem:
+                problems.append(problem)
+            elif int(body_path.rsplit(":", 1)[1]) != message.size:
+                problems.append(f"segment body of {body_path.rsplit(':', 1)[1]} bytes, expected {message.size}")
         elif not isinstance(qid, str) or not is_queue_id(qid) or body_path != Spool.relative_body_path(qid):
             problems.append(f"unexpected body path {body_path!r}")
         else:

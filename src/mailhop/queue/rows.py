@@ -15,6 +15,7 @@ from ..errors import QueueError
 from .model import QueuedMessage, RcptStatus, RecipientState
 
 __all__ = [
+    "BODY_PATH_PARAM",
     "INSERT_BODY",
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
@@ -104,6 +105,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         elif version > SCHEMA_VERSION:
             raise QueueError(f"queue schema version {version} is newer than this mailhop ({SCHEMA_VERSION})")
+        # Finds the messages of one body segment (segments.py); only rows with a body_path are in it. Spools made
+        # before segments get it here, same schema version: nothing else changed.
+        conn.execute(BODY_PATH_INDEX)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -139,6 +143,10 @@ def encode_params(env: Envelope) -> str:
         d["kind"] = env.kind
     # json.dumps with options builds a new encoder per call; one shared encoder costs a third as much.
     return _PARAMS_JSON.encode(d) if d else "{}"
+
+
+BODY_PATH_INDEX = "CREATE INDEX IF NOT EXISTS messages_body_path ON messages(body_path) WHERE body_path IS NOT NULL"
+BODY_PATH_PARAM = 7  # the index of body_path in message_insert_row's tuple
 
 
 def message_insert_row(qid: str, env: Envelope, now: float, size: int, body_path: str | None) -> tuple[Any, ...]:

@@ -15,6 +15,7 @@ failed: what the sessions answer) in ``health``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -49,6 +50,7 @@ from .rows import (
     queued_message,
     recipient_insert_rows,
 )
+from .segments import DEFAULT_MAX_AGE, DEFAULT_SEGMENT_SIZE, SegmentStore, is_segment_ref
 from .spool import DEFAULT_INLINE_MAX, BodyWriter, Spool, fsync_dir
 
 __all__ = ["DEFAULT_PAGE_SIZE", "PAGE_SIZES", "SCHEMA_VERSION", "SqliteQueue"]
@@ -60,6 +62,8 @@ T = TypeVar("T")
 # 32 KiB (accept 100 KB +24 %, relay 100 KB +60 % here), at the price of more bytes per small update (relay of
 # 5 KB messages -10 %). bench/RESULTS.md has the figures.
 DEFAULT_PAGE_SIZE = 32768
+# Seconds between the writer's passes over old body segments (segments.SegmentStore.reclaim).
+RECLAIM_INTERVAL = 30.0
 PAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
 log = logging.getLogger("mailhop.queue")
 
@@ -73,12 +77,21 @@ class SqliteQueue:
 
     def __init__(self, path: str | Path, *, inline_max: int = DEFAULT_INLINE_MAX,
                  clock: Callable[[], float] = time.time, busy_timeout: float = 10.0,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, segment_min: int = 0,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, segment_max_age: float = DEFAULT_MAX_AGE,
+                 reclaim_interval: float = RECLAIM_INTERVAL) -> None:
         if page_size not in PAGE_SIZES:
             raise ValueError(f"page_size must be one of {', '.join(map(str, PAGE_SIZES))}, not {page_size}")
         self.spool = Spool(path)
         self.db_path = self.spool.root / "queue.db"
         self.inline_max = inline_max
+        # Bodies kept in memory (at most inline_max) of at least this many bytes go to a segment (0: none do).
+        self.segment_min = segment_min
+        # Always there: a spool written with segments stays readable whatever segment_min is now.
+        self.segments = SegmentStore(self.spool.root, segment_size=segment_size, max_age=segment_max_age,
+                                     clock=clock)
+        self._reclaim_interval = reclaim_interval
+        self._reclaimer: asyncio.Task[None] | None = None
         self.page_size = page_size  # for a database this creates; an existing one keeps its own
         self._clock = clock
         self._busy_timeout = busy_timeout
@@ -107,6 +120,8 @@ class SqliteQueue:
             raise
         self._committer.start()
         self._state = "started"
+        if recover:  # the daemon (the CLI opens the queue without recovery): it owns the segments' upkeep
+            self._reclaimer = asyncio.create_task(self._reclaim_segments())
 
     def _open(self, recover: bool) -> GroupCommitter:
         try:
@@ -123,9 +138,9 @@ class SqliteQueue:
             if created:
                 fsync_dir(self.spool.root)
             if recover:
-                recover_queue(conn, self.spool)
+                recover_queue(conn, self.spool, self.segments)
             return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT),
-                                  self.health)
+                                  self.health, self.segments)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -171,6 +186,11 @@ class SqliteQueue:
         if self._state not in ("started",):
             return
         self._state = "stopping"
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reclaimer
+            self._reclaimer = None
         committer = self._committer
         assert committer is not None
         try:
@@ -209,9 +229,11 @@ class SqliteQueue:
         recipient_rows = recipient_insert_rows(qid, envelope, now)
         assert self._loop is not None
         future: asyncio.Future[str] = self._loop.create_future()
+        to_segment = inline is not None and 0 < self.segment_min <= len(inline)
         try:
-            committer.submit(AcceptRequest(future, qid, message_row, None if inline is None else (qid, inline),
-                                           recipient_rows, body))
+            committer.submit(AcceptRequest(future, qid, message_row,
+                                           None if inline is None or to_segment else (qid, inline),
+                                           recipient_rows, body, segment_body=inline if to_segment else None))
         except QueueError:
             body.discard_sealed()
             raise
@@ -276,6 +298,23 @@ class SqliteQueue:
         committer.submit(OpRequest(future, operation, lazy_sync))
         return await future
 
+    async def _reclaim_segments(self) -> None:
+        """Every reclaim_interval: free unused body segments, move old ones' bodies into the database."""
+        while True:
+            await asyncio.sleep(self._reclaim_interval)
+            try:
+                moved = await self.reclaim_segments()
+            except QueueError as exc:
+                log.warning("queue: body segment upkeep failed (next try in %.0f s): %s", self._reclaim_interval,
+                            exc.detail)
+                continue
+            if moved:
+                log.info("queue: moved %d bodies of old segments into the database", moved)
+
+    async def reclaim_segments(self) -> int:
+        """One pass of segment upkeep through the writer (segments.SegmentStore.reclaim); bodies moved."""
+        return await self._write(self.segments.reclaim)
+
     async def delete(self, queue_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> tuple[bool, Callable[[], None] | None]:
             row = conn.execute("SELECT body_path FROM messages WHERE id = ?", (queue_id,)).fetchone()
@@ -284,8 +323,8 @@ class SqliteQueue:
             conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
             conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-            if row[0] is None or not is_queue_id(queue_id):
-                return True, None
+            if row[0] is None or is_segment_ref(row[0]) or not is_queue_id(queue_id):
+                return True, None  # a segment's space is freed with the segment (segments.py, "Space")
             # The file goes only after the commit: a crash in between leaves an orphan, never a row
             # without its body. The path is derived from the id, never taken from the row.
             path = self.spool.body_path(queue_id)
@@ -369,7 +408,7 @@ class SqliteQueue:
             conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
             conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-            if exists[0] is None or not is_queue_id(queue_id):
+            if exists[0] is None or is_segment_ref(exists[0]) or not is_queue_id(queue_id):
                 return True, None
             path = self.spool.body_path(queue_id)
             return True, lambda: Spool.remove(path)
@@ -504,6 +543,8 @@ class SqliteQueue:
                 if body is None:
                     raise QueueError(f"message {queue_id}: inline body missing")
                 return io.BytesIO(body[0])
+            if is_segment_ref(row[0]):
+                return io.BytesIO(self.segments.read(row[0]))
             if not is_queue_id(queue_id):
                 raise QueueError(f"message {queue_id}: invalid id for a body file")
             try:
