@@ -26,9 +26,10 @@ async def main() -> None:
     parser.add_argument("spool")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--segment-min", type=int, default=0)
     args = parser.parse_args()
     armed, faults.CRASH_AT = faults.CRASH_AT, ""
-    q = SqliteQueue(args.spool)
+    q = SqliteQueue(args.spool, segment_min=args.segment_min)
     await q.start()
     os.write(1, b"READY\n")
     acked = 0

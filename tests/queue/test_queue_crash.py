@@ -14,16 +14,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mailhop.queue import SqliteQueue
-from mailhop.queue.faults import CRASH_POINTS
+from mailhop.queue.faults import CRASH_POINTS, SEGMENT_CRASH_POINTS
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 Acked = dict[str, tuple[int, str]]
 
 
-def run_worker(spool: Path, *, crash_at: str = "", kill_after: float | None = None, warmup: int = 0) -> Acked:
+def run_worker(spool: Path, *, crash_at: str = "", kill_after: float | None = None, warmup: int = 0,
+               segment_min: int = 0) -> Acked:
     env = {**os.environ, "MAILHOP_CRASH_AT": crash_at}
-    cmd = [sys.executable, str(WORKER), str(spool), "--warmup", str(warmup)]
+    cmd = [sys.executable, str(WORKER), str(spool), "--warmup", str(warmup), "--segment-min", str(segment_min)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         assert proc.stdout is not None
@@ -63,17 +66,31 @@ async def verify(spool: Path, acked: Acked) -> int:
         files = {p.name for p in q.spool.scan_bodies()}
         file_backed = {m.id for m in messages.values() if m.size > q.inline_max}
         assert files == file_backed, "orphan or missing body files after recovery"
+        in_segments = {m.id for m in messages.values() if 0 < m.size <= q.inline_max}
+        if q.segments.names():  # recovery left only segments that committed messages use
+            used = {ref.split(":")[1] for ref in await _segment_refs(spool)}
+            assert set(q.segments.names()) == used, "unused segments after recovery"
+            assert in_segments
         return len(messages)
     finally:
         await q.stop()
 
 
-def test_no_acknowledged_message_is_lost(tmp_path: Path) -> None:
+async def _segment_refs(spool: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{spool / 'queue.db'}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute("SELECT body_path FROM messages WHERE body_path LIKE 'seg:%'")]
+
+
+@pytest.mark.parametrize("segment_min", [0, 1000], ids=["database-bodies", "segment-bodies"])
+def test_no_acknowledged_message_is_lost(tmp_path: Path, segment_min: int) -> None:
     spool = tmp_path / "spool"
     rng = random.Random()
     acked: Acked = {}
-    runs: list[dict[str, object]] = [{"crash_at": point, "warmup": 30} for point in CRASH_POINTS]
-    runs += [{"kill_after": rng.uniform(0.02, 0.4)} for _ in range(4)]
+    points = CRASH_POINTS + (SEGMENT_CRASH_POINTS if segment_min else ())
+    runs: list[dict[str, object]] = [{"crash_at": p, "warmup": 30, "segment_min": segment_min} for p in points]
+    runs += [{"kill_after": rng.uniform(0.02, 0.4), "segment_min": segment_min} for _ in range(4)]
     started = time.monotonic()
     for run in runs:
         new = run_worker(spool, **run)  # type: ignore[arg-type]
@@ -83,4 +100,5 @@ def test_no_acknowledged_message_is_lost(tmp_path: Path) -> None:
         total = asyncio.run(verify(spool, acked))
         assert total >= len(acked)
     assert len(acked) > 100
+    assert bool(asyncio.run(_segment_refs(spool))) == bool(segment_min)  # the storage form under test was used
     assert time.monotonic() - started < 60

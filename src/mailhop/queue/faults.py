@@ -10,15 +10,18 @@ Names used by the commit path (see ``commit.py`` and ``sqlite.py``):
 ``after_body_fsync``  body files and their directories are fsynced and the batch's rows are inserted,
                       but the transaction is not committed
 ``after_commit``      the transaction is committed; no accept() has returned yet
+``after_segment_sync`` the batch's segment bodies are written and fdatasynced, the transaction not begun
+                      (only with body segments on)
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["CRASH_AT", "CRASH_POINTS", "crash_point"]
+__all__ = ["CRASH_AT", "CRASH_POINTS", "SEGMENT_CRASH_POINTS", "crash_point"]
 
 CRASH_POINTS = ("after_body_write", "after_body_fsync", "after_commit")
+SEGMENT_CRASH_POINTS = ("after_segment_sync",)  # reached only with body segments on
 CRASH_AT = os.environ.get("MAILHOP_CRASH_AT", "")
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import QueueError
+from .faults import crash_point
 from .spool import fsync_dir, queue_error_from_os
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentStore", "is_segment_ref"]
@@ -131,6 +132,7 @@ class SegmentStore:
             if written != offset - start:  # a short write: the disk is full, typically
                 raise OSError(28, "short write to segment")  # ENOSPC
             os.fdatasync(self._fd)
+            crash_point("after_segment_sync")
         except OSError as exc:
             self._close()  # the next batch starts a fresh segment rather than append after a torn tail
             raise queue_error_from_os(exc, "segment write") from exc
