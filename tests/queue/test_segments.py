@@ -190,3 +190,45 @@ def _writer(q: SqliteQueue, data: bytes) -> BodyWriter:
     w = q.body_writer()
     w.write(data)
     return w
+
+
+async def test_freeing_a_segment_after_a_lazily_synced_record_syncs_first(
+        make_queue: Callable[..., SqliteQueue], clock: FakeClock) -> None:
+    """A delivery record commits without an fsync; the segment it freed may go only once that record is durable,
+    even when the reclaim transaction itself writes nothing (and so would sync nothing)."""
+    q = make_queue(segment_size=64 * KB)
+    await q.start()
+    committer = q._committer
+    assert committer is not None
+    committer._sync_delay = 3600.0  # no idle sync: only the one before the unlink can make the record durable
+    first = [await queue_message(q, BIG) for _ in range(2)]
+    await queue_message(q, BIG)  # the next segment: the first is no longer current
+    for qid in first:
+        m = await q.get(qid)
+        assert m is not None
+        await q.record(qid, [mark_delivered(m.recipients[0], "250 ok", now=clock.now)])
+    syncs = committer.lazy_syncs
+    assert await q.reclaim_segments() == 0
+    assert committer.lazy_syncs == syncs + 1
+    assert q.segments.names() == [q.segments.current]
+
+
+async def test_a_damaged_segment_neither_blocks_the_others_nor_lends_its_name(
+        make_queue: Callable[..., SqliteQueue], tmp_path: Path, clock: FakeClock) -> None:
+    spool = tmp_path / "spool"
+    q = make_queue(segment_size=64 * KB, segment_max_age=60.0)
+    await q.start()
+    damaged = [await queue_message(q, BIG) for _ in range(2)]  # segment 1
+    await q.stop()
+    os.unlink(spool / "segments" / "0000000001")  # lost: recovery quarantines both, keeping their references
+    again = make_queue(segment_size=64 * KB, segment_max_age=60.0)
+    await again.start()
+    assert set(held(spool)) == set(damaged)
+    fresh = [await queue_message(again, BIG) for _ in range(3)]  # segments 2 and 3, never a new "1"
+    paths = body_paths(spool)
+    assert all(str(paths[qid]).split(":")[1] > "0000000001" for qid in fresh)
+    clock.advance(61)
+    assert await again.reclaim_segments() == 2  # segment 2's bodies move, despite the damaged references
+    assert [await read_all(again, qid) for qid in fresh] == [BIG] * 3
+    with pytest.raises(QueueError):
+        await read_all(again, damaged[0])

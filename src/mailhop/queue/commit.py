@@ -259,6 +259,7 @@ class GroupCommitter:
         lazy = not accepts and all(op.lazy_sync for op in ops)
         try:
             self._set_synchronous(full=not lazy)
+            changes_before = conn.total_changes
             message_rows = [a.message_row for a in accepts]
             to_segment = [i for i, a in enumerate(accepts) if a.segment_body is not None]
             if to_segment:
@@ -301,20 +302,26 @@ class GroupCommitter:
             self._last_accept = time.monotonic()
         self.batches += 1
         self.accepted += len(accepts)
+        wrote = conn.total_changes != changes_before
         if lazy:
             self.lazy_commits += 1
             self._unsynced = True
-            if any(after is not None for _, _, after, error in op_outcomes if error is None):
-                self._sync()  # a body file goes only once the row that named it is gone for good
-        else:
+        elif wrote:
             self._unsynced = False  # this commit's fsync covered every earlier WAL frame as well
+        # (A COMMIT that changed nothing wrote and synced nothing: earlier lazy commits are still unsynced.)
+        if self._unsynced and any(after is not None for _, _, after, error in op_outcomes if error is None):
+            self._sync()  # a body file or segment goes only once the row that named it is gone for good
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
             (a.future, a.queue_id, None) for a in accepts
         ]
         for op, value, after, error in op_outcomes:
             if error is None:
                 self.operations += 1
-                if after is not None:
+                if after is not None and self._unsynced:
+                    # The sync above failed: the row's removal may not survive a power cut, so its body stays
+                    # (an orphan the next start removes, or a segment the next reclaim frees).
+                    log.error("queue writer: a body is kept: the removal of its message is not yet durable")
+                elif after is not None:
                     try:
                         after()
                     except Exception:

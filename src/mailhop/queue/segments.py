@@ -22,6 +22,8 @@ path as such.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import sqlite3
@@ -35,11 +37,15 @@ from .spool import fsync_dir, queue_error_from_os
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentStore", "is_segment_ref"]
 
+log = logging.getLogger("mailhop.queue")
+
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024  # a new segment is started once the current one is this large
 DEFAULT_MAX_AGE = 600.0  # seconds; older segments have their remaining bodies moved into the database
 _PREFIX = "seg:"
 _REF = re.compile(r"^seg:(\d{10}):(\d{1,15}):(\d{1,15})$")
 _NAME = re.compile(r"^\d{10}$")
+_IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
+_MAX_BODY = 64 * 1024 * 1024  # no body kept in memory is larger (inline_body_max <= 16 MiB): a bigger length is damage
 
 
 def is_segment_ref(body_path: object) -> bool:
@@ -67,12 +73,15 @@ class SegmentStore:
         self._name: str | None = None
         self._size = 0
         self._started: dict[str, float] = {}  # segment -> when this process started it (its age)
+        self._last = 0  # the highest segment number made or named so far: names are never reused
 
     # --- any thread ---------------------------------------------------------------------------------------
 
     def read(self, ref: str) -> bytes:
         """The body a reference names; QueueError when it is malformed or its bytes are not all there."""
         name, offset, length = _parse(ref)
+        if length > _MAX_BODY:
+            raise QueueError(f"segment reference {ref[:80]!r}: implausible length")
         try:
             fd = os.open(self.dir / name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -116,6 +125,10 @@ class SegmentStore:
     def current(self) -> str | None:
         return self._name
 
+    def note_used(self, number: int) -> None:
+        """A segment number the database still names: later segments get higher ones."""
+        self._last = max(self._last, number)
+
     def append(self, bodies: Sequence[bytes | bytearray | memoryview]) -> list[str]:
         """Append bodies to the current segment (starting a new one when it is full) and fdatasync it; their
         references, in order. Raises QueueError; then nothing returned was made durable."""
@@ -128,9 +141,13 @@ class SegmentStore:
             for body in bodies:
                 refs.append(f"{_PREFIX}{self._name}:{offset}:{len(body)}")
                 offset += len(body)
-            written = os.pwritev(self._fd, bodies, start)
-            if written != offset - start:  # a short write: the disk is full, typically
-                raise OSError(28, "short write to segment")  # ENOSPC
+            position = start
+            for first in range(0, len(bodies), _IOV_MAX):
+                chunk = bodies[first:first + _IOV_MAX]
+                expected = sum(len(body) for body in chunk)
+                if os.pwritev(self._fd, chunk, position) != expected:  # short: the disk is full, typically
+                    raise OSError(errno.ENOSPC, "short write to segment")
+                position += expected
             os.fdatasync(self._fd)
             crash_point("after_segment_sync")
         except OSError as exc:
@@ -142,7 +159,8 @@ class SegmentStore:
     def _rotate(self) -> None:
         self._close()
         existing = self.names()
-        number = int(existing[-1]) + 1 if existing else 1
+        number = max(self._last, int(existing[-1]) if existing else 0) + 1
+        self._last = number
         self.dir.mkdir(exist_ok=True)
         name = f"{number:010d}"
         fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -178,11 +196,18 @@ class SegmentStore:
             rows = conn.execute("SELECT id, body_path FROM messages WHERE body_path >= ? AND body_path < ?",
                                 (lo, hi)).fetchall()
             if rows and now - self._age_start(name) >= self.max_age:
+                stuck = []
                 for qid, ref in rows:
-                    conn.execute("INSERT OR REPLACE INTO bodies (id, data) VALUES (?, ?)", (qid, self.read(ref)))
+                    try:
+                        data = self.read(ref)
+                    except QueueError as exc:  # damaged (recovery quarantined it): leave it and its segment be
+                        log.warning("queue: body of %s stays in segment %s: %s", qid, name, exc.detail)
+                        stuck.append(qid)
+                        continue
+                    conn.execute("INSERT OR REPLACE INTO bodies (id, data) VALUES (?, ?)", (qid, data))
                     conn.execute("UPDATE messages SET body_path = NULL WHERE id = ?", (qid,))
-                moved += len(rows)
-                rows = []
+                    moved += 1
+                rows = stuck
             if not rows:
                 unused.append(name)
         if not unused:

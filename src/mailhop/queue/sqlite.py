@@ -139,6 +139,11 @@ class SqliteQueue:
                 fsync_dir(self.spool.root)
             if recover:
                 recover_queue(conn, self.spool, self.segments)
+            # Never reuse a segment name a row still names (a quarantined row keeps a missing segment's name).
+            top = conn.execute("SELECT max(substr(body_path, 5, 10)) FROM messages"
+                               " WHERE body_path >= 'seg:' AND body_path < 'seg;'").fetchone()[0]
+            if top is not None and str(top).isdigit():
+                self.segments.note_used(int(top))
             return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT),
                                   self.health, self.segments)
         except BaseException as exc:
@@ -188,7 +193,7 @@ class SqliteQueue:
         self._state = "stopping"
         if self._reclaimer is not None:
             self._reclaimer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping must not fail on it
                 await self._reclaimer
             self._reclaimer = None
         committer = self._committer
@@ -304,9 +309,9 @@ class SqliteQueue:
             await asyncio.sleep(self._reclaim_interval)
             try:
                 moved = await self.reclaim_segments()
-            except QueueError as exc:
-                log.warning("queue: body segment upkeep failed (next try in %.0f s): %s", self._reclaim_interval,
-                            exc.detail)
+            except Exception as exc:  # the upkeep must outlive any one failure (it frees disk space)
+                log.warning("queue: body segment upkeep failed (next try in %.0f s): %s: %s",
+                            self._reclaim_interval, type(exc).__name__, exc)
                 continue
             if moved:
                 log.info("queue: moved %d bodies of old segments into the database", moved)
