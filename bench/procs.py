@@ -24,6 +24,7 @@ __all__ = [
     "pid_alive",
     "port_open",
     "stop_process",
+    "thread_cpu_seconds",
     "tree_cpu_seconds",
     "wait_pid_gone",
     "wait_until",
@@ -33,12 +34,32 @@ POLL_INTERVAL = 0.05
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
     except OSError:
         return None
     return raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) is index 0
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds per thread of ``pid`` and of its child processes (workers), keyed "pid/tid"."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        pids = [pid, *(int(p) for p in children.read_text().split())]
+    except OSError:
+        pids = [pid]
+    out: dict[str, float] = {}
+    for proc in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{proc}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            fields = _stat_fields(proc, tid)
+            if fields is not None:
+                out[f"{proc}/{tid}"] = (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14, 15: utime, stime
+    return out
 
 
 def tree_cpu_seconds(pid: int) -> float:

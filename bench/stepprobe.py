@@ -29,13 +29,12 @@ from pathlib import Path
 
 from .mailhop import default_mailhop, running_mailhop
 from .postfix import SmtpSink, require
-from .procs import machine_cpu_seconds
+from .procs import machine_cpu_seconds, thread_cpu_seconds
 
-__all__ = ["STEPS", "ProbeResult", "main", "message_bytes", "probe", "thread_cpu_seconds"]
+__all__ = ["STEPS", "ProbeResult", "main", "message_bytes", "probe"]
 
 STEPS = ("connect", "greeting", "EHLO", "MAIL", "RCPT", "DATA", "end of data", "QUIT")
 SENDER, RECIPIENT = "probe@client.test", "probe@example.test"
-_TICKS = os.sysconf("SC_CLK_TCK")
 REPLY_LIMIT = 64 * 1024  # a reply longer than this is not an SMTP reply: stop instead of buffering on
 
 
@@ -109,25 +108,6 @@ def probe(host: str, port: int, seconds: float, size: int) -> ProbeResult:
                     raise RuntimeError(f"message refused: {reply!r}")
         result.messages += 1
     return result
-
-
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of pid and its child processes (workers), keyed "pid/tid"."""
-    out: dict[str, float] = {}
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    pids = [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
-    for proc in pids:
-        try:
-            tids = os.listdir(f"/proc/{proc}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                fields = Path(f"/proc/{proc}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[f"{proc}/{tid}"] = (int(fields[11]) + int(fields[12])) / _TICKS
-    return out
 
 
 @contextmanager

@@ -173,7 +173,9 @@ def test_references_from_the_database_are_parsed_strictly(tmp_path: Path) -> Non
     for bad in ("seg:../../etc:0:10", "seg:0000000001:-1:5", "seg:0000000001:0", "bodies/AB/ID", "seg:1:0:1"):
         with pytest.raises(QueueError, match="malformed"):
             store.read(bad)
-        assert "malformed" in store.check(bad)
+        assert "malformed" in store.check(bad, 10)
+    assert store.check("seg:0000000001:0:5", 6) == "segment body of 5 bytes, expected 6"  # before any file access
+    assert store.check("seg:0000000001:0:5", 5) == "segment 0000000001 missing"
     assert not is_segment_ref(None) and not is_segment_ref("bodies/AB/X") and is_segment_ref("seg:0000000001:0:1")
 
 

@@ -223,7 +223,6 @@ class RedisGreylistStore:
                  timeout: float = 1.0) -> None:
         self.prefix = prefix
         self._redis = RedisConnection(url, timeout=timeout, log=log, consequence="mail is not greylisted")
-        self._client = self._redis.client
         self._add_pass: Any = self._redis.script(_ADD_NETWORK_PASS_LUA)
         self._down_until = -math.inf  # time.monotonic() until which calls fail without asking Redis
 
@@ -242,7 +241,7 @@ class RedisGreylistStore:
             raise StoreUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
 
     async def get(self, key: str, now: float) -> Triplet | None:
-        value = await self._call(self._client.get, f"{self.prefix}t:{key}")
+        value = await self._call(self._redis.client.get, f"{self.prefix}t:{key}")
         if value is None:
             return None
         try:
@@ -256,10 +255,10 @@ class RedisGreylistStore:
     async def put(self, key: str, triplet: Triplet, expires: float, now: float) -> None:
         value = f"{triplet.first_seen!r}|{int(triplet.passed)}|{expires!r}"
         with contextlib.suppress(StoreUnavailable):
-            await self._call(self._client.set, f"{self.prefix}t:{key}", value, px=self._ttl_ms(expires, now))
+            await self._call(self._redis.client.set, f"{self.prefix}t:{key}", value, px=self._ttl_ms(expires, now))
 
     async def network_passes(self, network: str, now: float) -> int:
-        value = await self._call(self._client.get, f"{self.prefix}n:{network}")
+        value = await self._call(self._redis.client.get, f"{self.prefix}n:{network}")
         if value is None:
             return 0
         try:

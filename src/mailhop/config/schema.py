@@ -175,7 +175,7 @@ class QueueConfig(_Section):
         ge=0,
         description="Bodies of at least this many bytes that are stored with the database (see inline_body_max) are "
         "appended to shared body segment files instead, one fdatasync per batch: written once, where the database "
-        "writes a body twice (bench/RESULTS.md: accepting 100 KB messages 1.16x -> 1.80x Postfix, with page_size = "
+        "writes a body twice (bench/RESULTS.md: accepting 100 KB messages 0.98x -> 1.64x Postfix, with page_size = "
         "4096). 0 (the default for now): never. Segments are freed when no queued message uses them; bodies still "
         "queued after 10 minutes move into the database.",
     )

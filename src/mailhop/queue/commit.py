@@ -261,13 +261,12 @@ class GroupCommitter:
             self._set_synchronous(full=not lazy)
             changes_before = conn.total_changes
             message_rows = [a.message_row for a in accepts]
-            to_segment = [i for i, a in enumerate(accepts) if a.segment_body is not None]
+            to_segment = [(i, a.segment_body) for i, a in enumerate(accepts) if a.segment_body is not None]
             if to_segment:
                 # Synced before the COMMIT that makes any row name them (segments.py, "Durability").
                 assert self._segments is not None
-                segment_bodies = [accepts[i].segment_body for i in to_segment]
-                refs = self._segments.append([b for b in segment_bodies if b is not None])
-                for i, ref in zip(to_segment, refs, strict=True):
+                refs = self._segments.append([body for _, body in to_segment])
+                for (i, _), ref in zip(to_segment, refs, strict=True):
                     row = message_rows[i]
                     message_rows[i] = (*row[:BODY_PATH_PARAM], ref, *row[BODY_PATH_PARAM + 1:])
             conn.execute("BEGIN IMMEDIATE")

@@ -41,10 +41,7 @@ def recover(conn: sqlite3.Connection, spool: Spool, segments: SegmentStore | Non
         log.info("queue recovery: removed %d body files of messages never committed", orphans)
     # No segment is being written yet: one that no row names holds only bodies of messages gone or never
     # committed.
-    used = {
-        row[0] for row in conn.execute(
-            "SELECT DISTINCT substr(body_path, 5, 10) FROM messages WHERE body_path >= 'seg:' AND body_path < 'seg;'")
-    }
+    used = segments.used_names(conn)
     unused = [name for name in segments.names() if name not in used]
     for name in unused:
         Spool.remove(segments.dir / name)
@@ -103,11 +100,9 @@ def _check_message(spool: Spool, segments: SegmentStore, row: tuple[Any, ...],
             if not has_inline:
                 problems.append("inline body missing")
         elif is_segment_ref(body_path):
-            problem = segments.check(body_path)
+            problem = segments.check(body_path, message.size)
             if problem:
                 problems.append(problem)
-            elif int(body_path.rsplit(":", 1)[1]) != message.size:
-                problems.append(f"segment body of {body_path.rsplit(':', 1)[1]} bytes, expected {message.size}")
         elif not isinstance(qid, str) or not is_queue_id(qid) or body_path != Spool.relative_body_path(qid):
             problems.append(f"unexpected body path {body_path!r}")
         else:

@@ -140,10 +140,7 @@ class SqliteQueue:
             if recover:
                 recover_queue(conn, self.spool, self.segments)
             # Never reuse a segment name a row still names (a quarantined row keeps a missing segment's name).
-            top = conn.execute("SELECT max(substr(body_path, 5, 10)) FROM messages"
-                               " WHERE body_path >= 'seg:' AND body_path < 'seg;'").fetchone()[0]
-            if top is not None and str(top).isdigit():
-                self.segments.note_used(int(top))
+            self.segments.note_used(max((int(name) for name in self.segments.used_names(conn)), default=0))
             return GroupCommitter(self._connect_writer, conn, (INSERT_MESSAGE, INSERT_BODY, INSERT_RECIPIENT),
                                   self.health, self.segments)
         except BaseException as exc:
@@ -328,14 +325,19 @@ class SqliteQueue:
             conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
             conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-            if row[0] is None or is_segment_ref(row[0]) or not is_queue_id(queue_id):
-                return True, None  # a segment's space is freed with the segment (segments.py, "Space")
-            # The file goes only after the commit: a crash in between leaves an orphan, never a row
-            # without its body. The path is derived from the id, never taken from the row.
-            path = self.spool.body_path(queue_id)
-            return True, lambda: Spool.remove(path)
+            return True, self._body_removal(row[0], queue_id)
 
         return await self._write(op)
+
+    def _body_removal(self, body_path: str | None, queue_id: str) -> Callable[[], None] | None:
+        """What removes a deleted message's body file once the deletion is committed (None: nothing to remove).
+        The file goes only after the commit: a crash in between leaves an orphan, never a row without its
+        body. The path is derived from the id, never taken from the row. A segment's space is freed with the
+        segment (segments.py, "Space"); a body in the database went with the row."""
+        if body_path is None or is_segment_ref(body_path) or not is_queue_id(queue_id):
+            return None
+        path = self.spool.body_path(queue_id)
+        return lambda: Spool.remove(path)
 
     async def hold(self, queue_id: str, reason: str = "admin") -> bool:
         def op(conn: sqlite3.Connection) -> tuple[bool, None]:
@@ -413,10 +415,7 @@ class SqliteQueue:
             conn.execute("DELETE FROM recipients WHERE msg_id = ?", (queue_id,))
             conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-            if exists[0] is None or is_segment_ref(exists[0]) or not is_queue_id(queue_id):
-                return True, None
-            path = self.spool.body_path(queue_id)
-            return True, lambda: Spool.remove(path)
+            return True, self._body_removal(exists[0], queue_id)
 
         # An outcome lost in a power cut only repeats the attempt: synced lazily (commit.py, "Lazy sync").
         return await self._write(op, lazy_sync=True)
